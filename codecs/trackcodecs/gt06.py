@@ -16,7 +16,7 @@ from typing import Literal
 from msgspec.structs import replace
 
 from .crc import crc16_x25
-from .errors import BadLength, CodecError, CrcMismatch, FrameTooLarge, MalformedPayload, Truncated
+from .errors import BadLength, CrcMismatch, FrameTooLarge, MalformedPayload
 from .events import (
     Alarm,
     CellTower,
@@ -33,6 +33,7 @@ from .events import (
     TimeRequest,
     Unsupported,
 )
+from .stream import StreamDecoder
 
 CrcPolicy = Literal["reject", "count"]
 
@@ -41,25 +42,58 @@ LONG = b"\x79\x79"
 STOP = b"\x0d\x0a"
 DEFAULT_MAX_FRAME = 32 * 1024
 _MIN_L = 5  # type + serial + crc (1.1)
+_MARKER_BYTES = (0x78, 0x79)
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 # 1.6 GPS block: date-time (6 x u8), gps info, lat u32, lng u32, speed u8, course/status u16
 _GPS = struct.Struct(">6BBIIBH")
+_CELL = struct.Struct(">HBHBH")  # MCC, MNC, LAC, cell id high byte, cell id low 16 bits
+_LAT_MAX = 90 * 1_800_000
+_LNG_MAX = 180 * 1_800_000
 
 # Terminal information byte, 1.8.
 _ALARM_NAMES = {
-    0x00: "normal", 0x01: "sos", 0x02: "power_cut", 0x03: "vibration", 0x04: "geofence_enter",
-    0x05: "geofence_exit", 0x06: "overspeed", 0x09: "movement", 0x0A: "gps_blind_enter",
-    0x0B: "gps_blind_exit", 0x0C: "power_on", 0x0D: "gps_first_fix", 0x0E: "low_external_battery",
-    0x0F: "low_external_battery_protection", 0x10: "sim_change", 0x11: "power_off",
-    0x12: "airplane_mode", 0x13: "tamper", 0x14: "door", 0x15: "low_power_shutdown",
-    0x16: "sound", 0x17: "fake_base_station", 0x18: "cover_open", 0x19: "low_internal_battery",
-    0x20: "sleep", 0x23: "fall", 0x24: "charger_inserted", 0x29: "harsh_acceleration",
-    0x2A: "sharp_left", 0x2B: "sharp_right", 0x2C: "collision", 0x2D: "rollover",
-    0x30: "harsh_braking", 0x32: "pull", 0x3C: "car_theft", 0x3D: "illegal_start",
-    0x3E: "button", 0xFE: "acc_on", 0xFF: "acc_off",
-}  # fmt: skip
+    0x00: "normal",
+    0x01: "sos",
+    0x02: "power_cut",
+    0x03: "vibration",
+    0x04: "geofence_enter",
+    0x05: "geofence_exit",
+    0x06: "overspeed",
+    0x09: "movement",
+    0x0A: "gps_blind_enter",
+    0x0B: "gps_blind_exit",
+    0x0C: "power_on",
+    0x0D: "gps_first_fix",
+    0x0E: "low_external_battery",
+    0x0F: "low_external_battery_protection",
+    0x10: "sim_change",
+    0x11: "power_off",
+    0x12: "airplane_mode",
+    0x13: "tamper",
+    0x14: "door",
+    0x15: "low_power_shutdown",
+    0x16: "sound",
+    0x17: "fake_base_station",
+    0x18: "cover_open",
+    0x19: "low_internal_battery",
+    0x20: "sleep",
+    0x23: "fall",
+    0x24: "charger_inserted",
+    0x29: "harsh_acceleration",
+    0x2A: "sharp_left",
+    0x2B: "sharp_right",
+    0x2C: "collision",
+    0x2D: "rollover",
+    0x30: "harsh_braking",
+    0x32: "pull",
+    0x3C: "car_theft",
+    0x3D: "illegal_start",
+    0x3E: "button",
+    0xFE: "acc_on",
+    0xFF: "acc_off",
+}
 
 # Types the device expects to be acknowledged with 78 78 05 <type> <serial> (1.10).
 ACKED_TYPES = frozenset({0x01, 0x13, 0x16, 0x19, 0x23, 0x26, 0x27, 0xA4})
@@ -73,30 +107,35 @@ def alarm_name(code: int) -> str:
 
 
 class _Frame:
-    """The parts of one framed packet, offsets into the decoder's buffer."""
+    """One framed packet: its content is ``buf[start:end]``; the serial follows it."""
 
-    __slots__ = ("buf", "start", "end", "msg_type", "serial", "crc_ok", "offset")
+    __slots__ = ("buf", "crc_ok", "end", "msg_type", "offset", "serial", "size", "start")
 
-    def __init__(self, buf: bytes, start: int, end: int, msg_type: int, serial: int, crc_ok: bool,
-                 offset: timedelta | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        buf: bytes,
+        start: int,
+        end: int,
+        msg_type: int,
+        serial: int,
+        crc_ok: bool,
+        offset: timedelta | None,
+    ) -> None:
         self.buf = buf
-        self.start = start  # first content byte
-        self.end = end  # one past the last content byte (the serial follows)
+        self.start = start
+        self.end = end
+        self.size = end - start
         self.msg_type = msg_type
         self.serial = serial
         self.crc_ok = crc_ok
         self.offset = offset  # device-time offset from UTC, when known
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
 
     def need(self, n: int) -> None:
         if self.size < n:
             raise MalformedPayload(f"type 0x{self.msg_type:02x}: {self.size} content bytes, need {n}")
 
 
-class Gt06Decoder:
+class Gt06Decoder(StreamDecoder):
     """Sans-I/O GT06 stream decoder for one TCP connection.
 
     Feed bytes with :meth:`receive_data`, collect events with :meth:`events`.
@@ -112,60 +151,40 @@ class Gt06Decoder:
     and without that the time is taken as UTC.
     """
 
-    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME, crc_policy: CrcPolicy = "reject",
-                 local_offset_min: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        crc_policy: CrcPolicy = "reject",
+        local_offset_min: int | None = None,
+    ) -> None:
+        super().__init__()
         self.max_frame = max_frame
         self.crc_policy = crc_policy
         self.discarded_bytes = 0
-        self.crc_mismatches = 0
-        self.frames = 0
         self._configured_offset = local_offset_min
         self._offset = None if local_offset_min is None else timedelta(minutes=local_offset_min)
-        self._buf = bytearray()
-        self._events: list[Event] = []
-        self._error: CodecError | None = None
 
-    def receive_data(self, data: bytes) -> None:
-        """Buffer ``data`` and decode every complete frame in the buffer."""
-        if self._error is not None:
-            raise self._error
-        self._buf += data
-        try:
-            self._drain()
-        except CodecError as exc:
-            self._error = exc
-            self._buf.clear()
-            raise
-
-    def receive_eof(self) -> None:
-        """The peer closed: a partial frame left in the buffer is an error."""
-        if self._error is not None:
-            raise self._error
-        if self._buf:
-            self._error = Truncated(f"{len(self._buf)} bytes of an incomplete frame at end of input")
-            raise self._error
-
-    def events(self) -> list[Event]:
-        """Return and forget the events decoded so far."""
-        out, self._events = self._events, []
-        return out
-
-    def _drain(self) -> None:
-        buf = self._buf
+    def _drain(self, data: bytes) -> tuple[int, int]:
         pos = 0
-        n = len(buf)
-        while n - pos >= 2:
-            marker = buf[pos : pos + 2]
+        n = len(data)
+        append = self._events.append
+        while True:
+            if n - pos < 2:
+                if n - pos == 1 and data[pos] not in _MARKER_BYTES:
+                    pos = self._skip(data, pos, n)
+                return pos, 2
+            marker = data[pos : pos + 2]
             if marker == SHORT:
                 if n - pos < 3:
-                    break
-                length, head = buf[pos + 2], 3
+                    return pos, 3
+                length, head = data[pos + 2], 3
             elif marker == LONG:
                 if n - pos < 4:
-                    break
-                length, head = _U16.unpack_from(buf, pos + 2)[0], 4
+                    return pos, 4
+                length, head = _U16.unpack_from(data, pos + 2)[0], 4
             else:
-                pos = self._resync(buf, pos + 1)
+                pos = self._resync(data, pos + 1)
                 continue
             if length < _MIN_L:
                 raise BadLength(f"declared length {length} < {_MIN_L}")
@@ -173,44 +192,41 @@ class Gt06Decoder:
             if total > self.max_frame:
                 raise FrameTooLarge(f"declared frame size {total} > {self.max_frame}")
             if n - pos < total:
-                break
-            if buf[pos + total - 2 : pos + total] != STOP:
+                return pos, total
+            if data[pos + total - 2 : pos + total] != STOP:
                 # A start marker inside garbage: skip it and look for the next one.
-                pos = self._resync(buf, pos + 1)
+                pos = self._resync(data, pos + 1)
                 continue
-            self._events.append(self._decode_frame(bytes(buf[pos : pos + total]), head))
+            append(self._decode_frame(data, pos, total, head))
             pos += total
-        if n - pos == 1 and buf[pos] not in (0x78, 0x79):
-            pos = self._resync(buf, pos + 1)
-        del buf[:pos]
 
-    def _resync(self, buf: bytearray, start: int) -> int:
-        """Skip to the next start marker at or after ``start``, counting skipped bytes."""
-        hits = [i for i in (buf.find(SHORT, start), buf.find(LONG, start)) if i >= 0]
-        if hits:
-            nxt = min(hits)
-        else:
-            nxt = len(buf) - 1 if buf[-1] in (0x78, 0x79) else len(buf)
-            nxt = max(nxt, start)
+    def _resync(self, data: bytes, start: int) -> int:
+        """Skip to the next start marker at or after ``start``, counting the skipped bytes."""
+        hits = [i for i in (data.find(SHORT, start), data.find(LONG, start)) if i >= 0]
+        nxt = min(hits) if hits else max(len(data) - 1 if data[-1] in _MARKER_BYTES else len(data), start)
         self.discarded_bytes += nxt - (start - 1)
         return nxt
 
-    def _decode_frame(self, frame: bytes, head: int) -> Event:
-        size = len(frame)
-        crc_ok = crc16_x25(frame[2 : size - 4]) == _U16.unpack_from(frame, size - 4)[0]
+    def _skip(self, data: bytes, pos: int, n: int) -> int:
+        self.discarded_bytes += n - pos
+        return n
+
+    def _decode_frame(self, data: bytes, pos: int, total: int, head: int) -> Event:
+        end = pos + total
+        crc_ok = crc16_x25(data[pos + 2 : end - 4]) == _U16.unpack_from(data, end - 4)[0]
+        msg_type = data[pos + head]
         if not crc_ok:
             if self.crc_policy == "reject":
-                raise CrcMismatch(f"GT06 CRC mismatch in type 0x{frame[head]:02x} frame")
+                raise CrcMismatch(f"GT06 CRC mismatch in type 0x{msg_type:02x} frame")
             self.crc_mismatches += 1
         self.frames += 1
-        msg_type = frame[head]
-        serial = _U16.unpack_from(frame, size - 6)[0]
-        f = _Frame(frame, head + 1, size - 6, msg_type, serial, crc_ok,
-                   None if msg_type in _UTC_TYPES else self._offset)  # fmt: skip
+        serial = _U16.unpack_from(data, end - 6)[0]
+        offset = None if msg_type in _UTC_TYPES else self._offset
+        f = _Frame(data, pos + head + 1, end - 6, msg_type, serial, crc_ok, offset)
         decoder = _DECODERS.get(msg_type)
         if decoder is None:
-            return Unsupported(protocol="gt06", msg_type=msg_type, payload_hex=frame[f.start : f.end].hex(),
-                               serial=serial, crc_ok=crc_ok)  # fmt: skip
+            content = data[f.start : f.end].hex()
+            return Unsupported(protocol="gt06", msg_type=msg_type, payload_hex=content, serial=serial, crc_ok=crc_ok)
         event = decoder(f)
         if isinstance(event, Login) and self._configured_offset is None and event.tz_offset_min is not None:
             self._offset = timedelta(minutes=event.tz_offset_min)
@@ -238,33 +254,54 @@ def _gps(f: _Frame, at: int) -> tuple[Position, int]:
         fix_time = None
     if fix_time is not None and f.offset is not None:
         fix_time -= f.offset
-    lat = lat_raw / 1_800_000.0
-    lng = lng_raw / 1_800_000.0
-    if not cs & 0x0400:
-        lat = -lat
-    if cs & 0x0800:
-        lng = -lng
-    positioned = bool(cs & 0x1000)
+    lat = lat_raw / 1_800_000.0 if cs & 0x0400 else lat_raw / -1_800_000.0
+    lng = lng_raw / -1_800_000.0 if cs & 0x0800 else lng_raw / 1_800_000.0
+    course = cs & 0x03FF
+    # valid: the positioned bit, a calendar date, not 0/0, coordinates and course in range
+    valid = (
+        cs & 0x1000 != 0
+        and fix_time is not None
+        and (lat_raw != 0 or lng_raw != 0)
+        and lat_raw <= _LAT_MAX
+        and lng_raw <= _LNG_MAX
+        and course <= 360
+    )
+    # Positional on purpose (see Position): fix_time, lat, lng, speed_kmh, course, satellites,
+    # valid, altitude, io, ignition (ACC bit 15 when bit 14 says it is valid), 10 x None, realtime.
     position = Position(
-        fix_time=fix_time,
-        lat=lat,
-        lng=lng,
-        speed_kmh=float(speed),
-        course=cs & 0x03FF,
-        satellites=info & 0x0F,
-        valid=positioned and fix_time is not None and (lat_raw != 0 or lng_raw != 0),
-        ignition=bool(cs & 0x8000) if cs & 0x4000 else None,
-        realtime=not cs & 0x2000,
+        fix_time,
+        lat,
+        lng,
+        float(speed),
+        course,
+        info & 0x0F,
+        valid,
+        None,
+        {},
+        bool(cs & 0x8000) if cs & 0x4000 else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        not cs & 0x2000,
     )
     return position, at + 18
 
 
 def _cell(f: _Frame, at: int, lac_size: int = 2, ci_size: int = 3) -> tuple[CellTower | None, int]:
-    """Decode MCC/MNC/LAC/cell id (1.7); MCC bit 15 means a 2-byte MNC."""
-    if f.size < at + 2 + 1 + lac_size + ci_size:
-        return None, f.size
+    """Decode MCC/MNC/LAC/cell id (1.7); MCC bit 15 means a 2-byte MNC. None when it does not fit."""
     b = f.buf
     p = f.start + at
+    if lac_size == 2 and ci_size == 3 and f.size >= at + 8 and not b[p] & 0x80:
+        mcc, mnc, lac, ci_hi, ci_lo = _CELL.unpack_from(b, p)  # the common 2G layout, in one call
+        return CellTower(mcc=mcc, mnc=mnc, lac=lac, cell_id=ci_hi << 16 | ci_lo), at + 8
+    if f.size < at + 3 + lac_size + ci_size:
+        return None, f.size
     mcc = _U16.unpack_from(b, p)[0]
     p += 2
     if mcc & 0x8000:
@@ -274,7 +311,7 @@ def _cell(f: _Frame, at: int, lac_size: int = 2, ci_size: int = 3) -> tuple[Cell
     else:
         mnc = b[p]
         p += 1
-    if f.start + f.size < p + lac_size + ci_size:
+    if f.end < p + lac_size + ci_size:
         return None, f.size
     lac = int.from_bytes(b[p : p + lac_size], "big")
     p += lac_size
@@ -378,8 +415,17 @@ def _alarm(lac_size: int = 2, ci_size: int = 3) -> Callable[[_Frame], Event]:
         fence = f.buf[f.start + at + 5] if f.msg_type == 0x27 and f.size > at + 5 else None
         position = replace(position, ignition=status.acc, gsm_signal=status.gsm_signal)
         code = status.alarm_code or 0
-        return Alarm(msg_type=f.msg_type, serial=f.serial, alarm_code=code, alarm=alarm_name(code), status=status,
-                     position=position, cell=cell, fence=fence, crc_ok=f.crc_ok)  # fmt: skip
+        return Alarm(
+            msg_type=f.msg_type,
+            serial=f.serial,
+            alarm_code=code,
+            alarm=alarm_name(code),
+            status=status,
+            position=position,
+            cell=cell,
+            fence=fence,
+            crc_ok=f.crc_ok,
+        )
 
     return decode
 
@@ -392,8 +438,15 @@ def _lbs_alarm(f: _Frame) -> Event:
     f.need(at + 5)
     status = _status(f, at)
     code = status.alarm_code or 0
-    return Alarm(msg_type=f.msg_type, serial=f.serial, alarm_code=code, alarm=alarm_name(code), status=status,
-                 cell=cell, crc_ok=f.crc_ok)  # fmt: skip
+    return Alarm(
+        msg_type=f.msg_type,
+        serial=f.serial,
+        alarm_code=code,
+        alarm=alarm_name(code),
+        status=status,
+        cell=cell,
+        crc_ok=f.crc_ok,
+    )
 
 
 def _lbs(with_time: bool) -> Callable[[_Frame], Event]:
@@ -433,8 +486,15 @@ def _string_short(f: _Frame) -> Event:
         raise MalformedPayload(f"0x15 command length {cmd_len} does not fit {f.size} content bytes")
     flag = _U32.unpack_from(b, s + 1)[0]
     raw = b[s + 5 : s + 1 + cmd_len]
-    return CommandResponse(protocol="gt06", text=raw.decode("ascii", "replace"), payload_hex=raw.hex(),
-                           message_type=f.msg_type, serial=f.serial, server_flag=flag, crc_ok=f.crc_ok)  # fmt: skip
+    return CommandResponse(
+        protocol="gt06",
+        text=raw.decode("ascii", "replace"),
+        payload_hex=raw.hex(),
+        message_type=f.msg_type,
+        serial=f.serial,
+        server_flag=flag,
+        crc_ok=f.crc_ok,
+    )
 
 
 def _string_long(f: _Frame) -> Event:
@@ -444,8 +504,15 @@ def _string_long(f: _Frame) -> Event:
     flag = _U32.unpack_from(b, s)[0]
     raw = b[s + 5 : f.end]
     text = raw.decode("utf-16-be", "replace") if b[s + 4] == 2 else raw.decode("ascii", "replace")
-    return CommandResponse(protocol="gt06", text=text, payload_hex=raw.hex(), message_type=f.msg_type,
-                           serial=f.serial, server_flag=flag, crc_ok=f.crc_ok)  # fmt: skip
+    return CommandResponse(
+        protocol="gt06",
+        text=text,
+        payload_hex=raw.hex(),
+        message_type=f.msg_type,
+        serial=f.serial,
+        server_flag=flag,
+        crc_ok=f.crc_ok,
+    )
 
 
 def _command(f: _Frame) -> Event:
@@ -519,10 +586,7 @@ _DECODERS: dict[int, Callable[[_Frame], Event]] = {
 def build_frame(msg_type: int, content: bytes, serial: int) -> bytes:
     """Frame ``content`` as a GT06 packet: ``78 78`` when it fits one length byte, else ``79 79``."""
     length = 1 + len(content) + 2 + 2
-    if length <= 0xFF:
-        head = SHORT + bytes((length,))
-    else:
-        head = LONG + _U16.pack(length)
+    head = SHORT + bytes((length,)) if length <= 255 else LONG + _U16.pack(length)
     body = head + bytes((msg_type,)) + content + _U16.pack(serial & 0xFFFF)
     return body + _U16.pack(crc16_x25(body[2:])) + STOP
 

@@ -47,8 +47,13 @@ def detect(data: bytes) -> Protocol:
     return "gt06"
 
 
-def decode_capture(data: bytes, *, protocol: Protocol | Literal["auto"] = "auto", now: datetime,
-                   crc_policy: Literal["reject", "count"] = "reject") -> Capture:  # fmt: skip
+def decode_capture(
+    data: bytes,
+    *,
+    protocol: Protocol | Literal["auto"] = "auto",
+    now: datetime,
+    crc_policy: Literal["reject", "count"] = "reject",
+) -> Capture:
     """Decode ``data`` as ``protocol``; ``now`` is the server clock for time replies."""
     proto: Protocol = detect(data) if protocol == "auto" else protocol
     events: list[Event] = []
@@ -95,7 +100,9 @@ def decode_capture(data: bytes, *, protocol: Protocol | Literal["auto"] = "auto"
     )
 
 
-def _stream_decoder(proto: Protocol, crc_policy: Literal["reject", "count"]) -> gt06.Gt06Decoder | teltonika.TeltonikaDecoder:
+def _stream_decoder(
+    proto: Protocol, crc_policy: Literal["reject", "count"]
+) -> gt06.Gt06Decoder | teltonika.TeltonikaDecoder:
     if proto == "gt06":
         return gt06.Gt06Decoder(crc_policy=crc_policy)
     return teltonika.TeltonikaDecoder(crc_policy=crc_policy)
@@ -118,8 +125,16 @@ def position_dict(position: Position, **context: Any) -> dict[str, Any]:
 def flatten(event: Event) -> list[dict[str, Any]]:
     """Events as the JSON objects of ``fleetgate decode``: one object per position, in wire order."""
     if isinstance(event, AvlPacket):
-        context = {k: v for k, v in (("codec", event.codec), ("packet_id", event.packet_id),
-                                     ("avl_packet_id", event.avl_packet_id), ("imei", event.imei)) if v is not None}  # fmt: skip
+        context = {
+            k: v
+            for k, v in (
+                ("codec", event.codec),
+                ("packet_id", event.packet_id),
+                ("avl_packet_id", event.avl_packet_id),
+                ("imei", event.imei),
+            )
+            if v is not None
+        }
         if not event.crc_ok:
             context["crc_ok"] = False
         return [position_dict(p, record=i, **context) for i, p in enumerate(event.positions)]

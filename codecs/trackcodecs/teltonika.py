@@ -26,14 +26,13 @@ from .errors import (
     BadImeiPacket,
     BadLength,
     BadPreamble,
-    CodecError,
     CountMismatch,
     CrcMismatch,
     FrameTooLarge,
     MalformedPayload,
-    Truncated,
 )
 from .events import AvlPacket, Command, CommandResponse, Event, ImeiPacket, Keepalive, Unsupported
+from .stream import StreamDecoder
 
 CrcPolicy = Literal["reject", "count"]
 
@@ -77,7 +76,7 @@ def imei_event(raw: bytes) -> ImeiPacket:
     return ImeiPacket(imei=imei, imei_valid=len(imei) == 15 and luhn_ok(imei))
 
 
-class TeltonikaDecoder:
+class TeltonikaDecoder(StreamDecoder):
     """Sans-I/O decoder for one Teltonika TCP connection.
 
     Recognises the IMEI packet, data packets and the ``FF`` keep-alive at
@@ -88,76 +87,47 @@ class TeltonikaDecoder:
     """
 
     def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME, crc_policy: CrcPolicy = "reject") -> None:
+        super().__init__()
         self.max_frame = max_frame
         self.crc_policy = crc_policy
-        self.crc_mismatches = 0
-        self.frames = 0
-        self._buf = bytearray()
-        self._events: list[Event] = []
-        self._error: CodecError | None = None
 
-    def receive_data(self, data: bytes) -> None:
-        """Buffer ``data`` and decode every complete packet in the buffer."""
-        if self._error is not None:
-            raise self._error
-        self._buf += data
-        try:
-            self._drain()
-        except CodecError as exc:
-            self._error = exc
-            self._buf.clear()
-            raise
-
-    def receive_eof(self) -> None:
-        """The peer closed: a partial packet left in the buffer is an error."""
-        if self._error is not None:
-            raise self._error
-        if self._buf:
-            self._error = Truncated(f"{len(self._buf)} bytes of an incomplete packet at end of input")
-            raise self._error
-
-    def events(self) -> list[Event]:
-        """Return and forget the events decoded so far."""
-        out, self._events = self._events, []
-        return out
-
-    def _drain(self) -> None:
-        buf = self._buf
-        n = len(buf)
+    def _drain(self, data: bytes) -> tuple[int, int]:
+        n = len(data)
         pos = 0
         append = self._events.append
-        while pos < n:
-            if buf[pos] == 0xFF:
+        while True:
+            if pos >= n:
+                return pos, 1
+            if data[pos] == 0xFF:
                 append(Keepalive())
                 pos += 1
                 continue
             if n - pos < 2:
-                break
-            imei_len = _U16.unpack_from(buf, pos)[0]
+                return pos, 2
+            imei_len = _U16.unpack_from(data, pos)[0]
             if imei_len:
                 if imei_len > MAX_IMEI_LENGTH:
                     raise BadImeiPacket(f"IMEI packet length {imei_len} > {MAX_IMEI_LENGTH}")
                 if n - pos < 2 + imei_len:
-                    break
-                append(imei_event(bytes(buf[pos + 2 : pos + 2 + imei_len])))
+                    return pos, 2 + imei_len
+                append(imei_event(data[pos + 2 : pos + 2 + imei_len]))
                 pos += 2 + imei_len
                 continue
             if n - pos < 4:
-                break
-            if buf[pos : pos + 4] != PREAMBLE:
-                raise BadPreamble(f"expected 00 00 00 00, got {buf[pos : pos + 4].hex()}")
+                return pos, 4
+            if data[pos : pos + 4] != PREAMBLE:
+                raise BadPreamble(f"expected 00 00 00 00, got {data[pos : pos + 4].hex()}")
             if n - pos < 8:
-                break
-            length = _U32.unpack_from(buf, pos + 4)[0]
+                return pos, 8
+            length = _U32.unpack_from(data, pos + 4)[0]
             if length < 3:
                 raise BadLength(f"data field length {length} cannot hold codec, N1 and N2")
             if length + 12 > self.max_frame:
                 raise FrameTooLarge(f"declared packet size {length + 12} > {self.max_frame}")
             if n - pos < length + 12:
-                break
-            append(self._decode_packet(bytes(buf[pos + 8 : pos + 12 + length])))
+                return pos, length + 12
+            append(self._decode_packet(data[pos + 8 : pos + 12 + length]))
             pos += length + 12
-        del buf[:pos]
 
     def _decode_packet(self, packet: bytes) -> Event:
         size = len(packet) - 4
@@ -222,8 +192,9 @@ def _cmd_12(codec: int, msg_type: int, payload: bytes) -> Event:
 
 
 def _resp_12(codec: int, msg_type: int, payload: bytes) -> Event:
-    return CommandResponse(protocol="teltonika", codec=codec, message_type=msg_type, text=_text(payload),
-                           payload_hex=payload.hex())  # fmt: skip
+    return CommandResponse(
+        protocol="teltonika", codec=codec, message_type=msg_type, text=_text(payload), payload_hex=payload.hex()
+    )
 
 
 def _resp_13(codec: int, msg_type: int, payload: bytes) -> Event:
@@ -231,8 +202,14 @@ def _resp_13(codec: int, msg_type: int, payload: bytes) -> Event:
     if len(payload) < 4:
         raise MalformedPayload("codec 13 payload shorter than its timestamp")
     ts = _EPOCH + timedelta(seconds=_U32.unpack_from(payload)[0])
-    return CommandResponse(protocol="teltonika", codec=codec, message_type=msg_type, text=_text(payload[4:]),
-                           payload_hex=payload.hex(), timestamp=ts)  # fmt: skip
+    return CommandResponse(
+        protocol="teltonika",
+        codec=codec,
+        message_type=msg_type,
+        text=_text(payload[4:]),
+        payload_hex=payload.hex(),
+        timestamp=ts,
+    )
 
 
 def _cmd_14(codec: int, msg_type: int, payload: bytes) -> Event:
@@ -245,8 +222,14 @@ def _resp_14(codec: int, msg_type: int, payload: bytes) -> Event:
     """Codec 14 answer: 0x06 = IMEI matches and the response follows; 0x11 = wrong IMEI (nACK)."""
     if len(payload) < 8:
         raise MalformedPayload("codec 14 payload shorter than its IMEI")
-    return CommandResponse(protocol="teltonika", codec=codec, message_type=msg_type, imei=_bcd_imei(payload[:8]),
-                           text=_text(payload[8:]), payload_hex=payload.hex())  # fmt: skip
+    return CommandResponse(
+        protocol="teltonika",
+        codec=codec,
+        message_type=msg_type,
+        imei=_bcd_imei(payload[:8]),
+        text=_text(payload[8:]),
+        payload_hex=payload.hex(),
+    )
 
 
 def _resp_15(codec: int, msg_type: int, payload: bytes) -> Event:
@@ -254,8 +237,15 @@ def _resp_15(codec: int, msg_type: int, payload: bytes) -> Event:
     if len(payload) < 12:
         raise MalformedPayload("codec 15 payload shorter than timestamp + IMEI")
     ts = _EPOCH + timedelta(seconds=_U32.unpack_from(payload)[0])
-    return CommandResponse(protocol="teltonika", codec=codec, message_type=msg_type, imei=_bcd_imei(payload[4:12]),
-                           text=_text(payload[12:]), payload_hex=payload.hex(), timestamp=ts)  # fmt: skip
+    return CommandResponse(
+        protocol="teltonika",
+        codec=codec,
+        message_type=msg_type,
+        imei=_bcd_imei(payload[4:12]),
+        text=_text(payload[12:]),
+        payload_hex=payload.hex(),
+        timestamp=ts,
+    )
 
 
 _COMMAND_DECODERS = {

@@ -37,8 +37,9 @@ def decode_datagram(data: bytes, *, max_frame: int = DEFAULT_MAX_FRAME) -> Event
     body = data[start:]
     event = decode_data_field(body, len(body), "teltonika-udp")
     if isinstance(event, AvlPacket):
-        return AvlPacket(codec=event.codec, positions=event.positions, packet_id=packet_id,
-                         avl_packet_id=avl_packet_id, imei=imei)  # fmt: skip
+        return AvlPacket(
+            codec=event.codec, positions=event.positions, packet_id=packet_id, avl_packet_id=avl_packet_id, imei=imei
+        )
     if isinstance(event, Unsupported):
         return event
     raise MalformedPayload(f"datagram carries a {type(event).__name__}, not AVL data")

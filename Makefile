@@ -1,0 +1,38 @@
+# Two commands for a newcomer: `make run` and `make test`. Each does its own set-up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck bench system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## run: set up, then start fleetgate (for now: decode the bundled vendor example frames)
+run: $(STAMP)
+	$(BIN)/fleetgate decode --demo
+
+## test: install what the tests need, then lint, type-check and run the test suite
+test: system-deps $(STAMP) lint typecheck
+	$(BIN)/pytest -q
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check codecs fleetgate gateway relay tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## bench: codec throughput, printed as JSON
+bench: $(STAMP)
+	$(BIN)/python bench/codecs.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

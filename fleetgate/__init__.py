@@ -1,0 +1,1 @@
+"""The ``fleetgate`` command: composition of gateway and relay, configuration, and tools."""
