@@ -90,7 +90,7 @@ def _remember(codec: int, counts: tuple[int, ...]) -> None:
 
 def decode_records(codec: int, data: bytes, pos: int, end: int, count: int) -> tuple[list[Position], int]:
     """Decode ``count`` records of ``codec`` from ``data[pos:end]``; return them and the next offset."""
-    records = []
+    records: list[Position] = []
     append = records.append
     is_16 = codec == CODEC_16
     layout = _last.get(codec)
@@ -178,7 +178,7 @@ def _position(v: tuple[Any, ...], io: dict[int, IoValue], generation_type: int |
         # valid: a fix (satellites), a date after 2000, not 0/0, coordinates and angle in range
         (
             sats > 0
-            and ms >= _MS_2000
+            and _MS_2000 <= ms <= _MS_MAX
             and (lat_raw != 0 or lng_raw != 0)
             and -_LAT_MAX <= lat_raw <= _LAT_MAX
             and -_LNG_MAX <= lng_raw <= _LNG_MAX

@@ -88,6 +88,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, gc=False, omit_defaults=T
 class Login(Event, tag="login", frozen=True):
     """GT06 login (0x01): binds the connection to an IMEI."""
 
+    msg_type: int
     imei: str
     serial: int
     model_code: int | None = None
@@ -152,6 +153,7 @@ class Lbs(Event, tag="lbs", frozen=True):
 class TimeRequest(Event, tag="time_request", frozen=True):
     """GT06 0x8A: the device asks for UTC time."""
 
+    msg_type: int
     serial: int
     crc_ok: bool = True
 
@@ -159,6 +161,7 @@ class TimeRequest(Event, tag="time_request", frozen=True):
 class Information(Event, tag="information", frozen=True):
     """GT06 0x94 information transfer; known sub-types are decoded, the rest kept as hex."""
 
+    msg_type: int
     serial: int
     subtype: int
     data_hex: str

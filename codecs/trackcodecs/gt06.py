@@ -141,7 +141,9 @@ class Gt06Decoder(StreamDecoder):
     Feed bytes with :meth:`receive_data`, collect events with :meth:`events`.
     Bytes before a start marker are skipped (counted in ``discarded_bytes``);
     a frame whose end is not ``0D 0A`` is treated as a false start and the
-    scan resumes one byte later. A declared length over ``max_frame`` raises
+    scan resumes one byte later. (A false start whose declared length runs
+    past the bytes received so far can only be recognised once that many
+    bytes are in: the frames behind it wait, they are not lost.) A declared length over ``max_frame`` raises
     :class:`FrameTooLarge` before anything is buffered. With ``crc_policy``
     ``"count"`` a CRC mismatch is decoded, flagged ``crc_ok=False`` and
     counted in ``crc_mismatches``; with ``"reject"`` it raises.
@@ -366,7 +368,7 @@ def _login(f: _Frame) -> Event:
             tz = -tz
     elif f.size >= 10:
         model = _U16.unpack_from(b, s + 8)[0]
-    return Login(imei=imei, serial=f.serial, model_code=model, tz_offset_min=tz, crc_ok=f.crc_ok)
+    return Login(msg_type=f.msg_type, imei=imei, serial=f.serial, model_code=model, tz_offset_min=tz, crc_ok=f.crc_ok)
 
 
 def _location(prefix: int = 0, lac_size: int = 2, ci_size: int = 3) -> Callable[[_Frame], Event]:
@@ -527,7 +529,7 @@ def _command(f: _Frame) -> Event:
 
 
 def _time_request(f: _Frame) -> Event:
-    return TimeRequest(serial=f.serial, crc_ok=f.crc_ok)
+    return TimeRequest(msg_type=f.msg_type, serial=f.serial, crc_ok=f.crc_ok)
 
 
 def _information(f: _Frame) -> Event:
@@ -546,7 +548,7 @@ def _information(f: _Frame) -> Event:
         fields["imsi"] = _bcd_digits(data[8:16])[1:]
         if len(data) >= 26:
             fields["iccid"] = data[16:26].hex()
-    return Information(serial=f.serial, subtype=sub, data_hex=data.hex(), crc_ok=f.crc_ok, **fields)  # type: ignore[arg-type]
+    return Information(msg_type=f.msg_type, serial=f.serial, subtype=sub, data_hex=data.hex(), crc_ok=f.crc_ok, **fields)  # type: ignore[arg-type]
 
 
 _DECODERS: dict[int, Callable[[_Frame], Event]] = {
@@ -606,7 +608,7 @@ def reply_for(event: Event, now: datetime) -> bytes | None:
     """The bytes the server must send for ``event`` once its data is stored, or None."""
     if isinstance(event, TimeRequest):
         return time_reply(event.serial, now)
-    msg_type = getattr(event, "msg_type", 0x01 if isinstance(event, Login) else None)
+    msg_type = getattr(event, "msg_type", None)
     if msg_type in ACKED_TYPES:
         return ack(msg_type, event.serial)  # type: ignore[attr-defined]
     return None
