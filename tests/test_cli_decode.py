@@ -48,7 +48,7 @@ def check_schema(obj: dict[str, object]) -> None:
     for event in obj["events"]:
         assert isinstance(event, dict) and isinstance(event["type"], str)
         if event["type"] == "position":
-            assert POSITION_KEYS <= set(event)
+            assert set(event) >= POSITION_KEYS
             assert event["fix_time"] is None or str(event["fix_time"]).endswith("Z")
             assert isinstance(event["io"], dict)
         if event["type"] in ("login", "imei"):

@@ -13,8 +13,20 @@ from typing import Any
 import pytest
 from conftest import FIXTURES
 
-from trackcodecs import Alarm, AvlPacket, Command, CommandResponse, Event, Heartbeat, ImeiPacket, Location, Login
-from trackcodecs import gt06, teltonika, teltonika_udp
+from trackcodecs import (
+    Alarm,
+    AvlPacket,
+    Command,
+    CommandResponse,
+    Event,
+    Heartbeat,
+    ImeiPacket,
+    Location,
+    Login,
+    gt06,
+    teltonika,
+    teltonika_udp,
+)
 from trackcodecs.gt06 import Gt06Decoder
 from trackcodecs.teltonika import TeltonikaDecoder
 

@@ -533,22 +533,25 @@ def _time_request(f: _Frame) -> Event:
 
 
 def _information(f: _Frame) -> Event:
-    """0x94: sub-type byte then content (1.4)."""
+    """0x94: sub-type byte then content (1.4): 0x00 external voltage, 0x04 status text, 0x0A IMEI/IMSI/ICCID."""
     f.need(1)
-    b, s = f.buf, f.start
-    sub = b[s]
-    data = b[s + 1 : f.end]
-    fields: dict[str, object] = {}
-    if sub == 0x00 and len(data) >= 2:
-        fields["external_voltage"] = _U16.unpack_from(data)[0] / 100.0
-    elif sub == 0x04:
-        fields["text"] = data.decode("ascii", "replace")
-    elif sub == 0x0A and len(data) >= 16:
-        fields["imei"] = _bcd_digits(data[0:8])[1:]
-        fields["imsi"] = _bcd_digits(data[8:16])[1:]
-        if len(data) >= 26:
-            fields["iccid"] = data[16:26].hex()
-    return Information(msg_type=f.msg_type, serial=f.serial, subtype=sub, data_hex=data.hex(), crc_ok=f.crc_ok, **fields)  # type: ignore[arg-type]
+    sub = f.buf[f.start]
+    data = f.buf[f.start + 1 : f.end]
+    voltage = _U16.unpack_from(data)[0] / 100.0 if sub == 0x00 and len(data) >= 2 else None
+    text = data.decode("ascii", "replace") if sub == 0x04 else None
+    ids = sub == 0x0A and len(data) >= 16
+    return Information(
+        msg_type=f.msg_type,
+        serial=f.serial,
+        subtype=sub,
+        data_hex=data.hex(),
+        external_voltage=voltage,
+        text=text,
+        imei=_bcd_digits(data[0:8])[1:] if ids else None,
+        imsi=_bcd_digits(data[8:16])[1:] if ids else None,
+        iccid=data[16:26].hex() if ids and len(data) >= 26 else None,
+        crc_ok=f.crc_ok,
+    )
 
 
 _DECODERS: dict[int, Callable[[_Frame], Event]] = {
