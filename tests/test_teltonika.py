@@ -131,3 +131,29 @@ def test_udp_datagram_and_ack_echo_the_ids() -> None:
     with pytest.raises(CodecError) as info:
         decode_datagram(struct.pack(">H", len(inner) + 1) + inner)
     assert info.value.reason == "bad_length"
+
+
+def _record(codec: int, io: dict[int, int]) -> bytes:
+    ms = int(T0.timestamp() * 1000)
+    out = struct.pack(">QBiihHBH", ms, 0, 251234567, 546789012, 100, 45, 7, 60)
+    if codec == 0x08:
+        out += bytes((21, len(io), len(io))) + b"".join(struct.pack(">BB", k, v) for k, v in io.items()) + bytes(3)
+    elif codec == 0x10:
+        out += struct.pack(">HBB", 21, 7, len(io)) + bytes((len(io),))
+        out += b"".join(struct.pack(">HB", k, v) for k, v in io.items()) + bytes(3)
+    else:
+        out += struct.pack(">HHH", 21, len(io), len(io)) + b"".join(struct.pack(">HB", k, v) for k, v in io.items())
+        out += bytes(8)
+    return out
+
+
+@pytest.mark.parametrize("codec", [0x08, 0x8E, 0x10])
+def test_repeated_layout_decodes_like_the_first_record(codec: int) -> None:
+    """The first record of a layout is walked, the next ones use the compiled layout: same result."""
+    record = _record(codec, {239: 1, 21: 3, 240: 0})
+    (event,) = decode(packet(codec, [record] * 3))
+    assert isinstance(event, AvlPacket)
+    first, second, third = event.positions
+    assert first == second == third
+    assert first.event_io_id == 21 and first.io == {239: 1, 21: 3, 240: 0}
+    assert first.generation_type == (7 if codec == 0x10 else None)

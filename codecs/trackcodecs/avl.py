@@ -99,7 +99,7 @@ def decode_records(codec: int, data: bytes, pos: int, end: int, count: int) -> t
             v = layout.head.unpack_from(data, pos)
             if v[layout.count_start :] == layout.expected:
                 it = iter(layout.pairs.unpack_from(data, pos + layout.pairs_offset))
-                append(_position(v, dict(zip(it, it)), v[10] if is_16 else None))  # noqa: B905 (strict= costs 0.2 us)
+                append(_position(v, dict(zip(it, it)), v[9] if is_16 else None))  # noqa: B905 (strict= costs 0.2 us)
                 pos += layout.size
                 continue
         position, pos = _walk_record(codec, data, pos, end)

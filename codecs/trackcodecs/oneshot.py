@@ -113,7 +113,7 @@ _REQUIRED = ("fix_time", "lat", "lng", "speed_kmh", "course", "altitude", "satel
 
 def position_dict(position: Position, **context: Any) -> dict[str, Any]:
     """A position as a ``"type": "position"`` event: the required keys always, others when set."""
-    raw = msgspec.to_builtins(position)
+    raw = msgspec.to_builtins(position, str_keys=True)
     out: dict[str, Any] = {"type": "position"}
     out.update(context)
     for key in _REQUIRED:
@@ -138,7 +138,7 @@ def flatten(event: Event) -> list[dict[str, Any]]:
         if not event.crc_ok:
             context["crc_ok"] = False
         return [position_dict(p, record=i, **context) for i, p in enumerate(event.positions)]
-    raw = msgspec.to_builtins(event)
+    raw = msgspec.to_builtins(event, str_keys=True)
     if isinstance(event, (Location, Alarm)) and event.position is not None:
         position = raw.pop("position")
         context = {k: v for k, v in raw.items() if k in ("msg_type", "serial", "cell", "crc_ok")}
