@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint typecheck bench system-deps clean
 
 $(STAMP): pyproject.toml
+	@PYTHON=$(PYTHON) bash scripts/system-deps.sh build
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -21,7 +22,7 @@ test: system-deps $(STAMP) lint typecheck
 	$(BIN)/pytest -q
 
 system-deps:
-	@bash scripts/system-deps.sh
+	@PYTHON=$(PYTHON) bash scripts/system-deps.sh test
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
