@@ -152,3 +152,20 @@ def test_short_content_is_malformed() -> None:
     with pytest.raises(CodecError) as info:
         decode(build_frame(0x12, b"\x01\x02\x03", 1))
     assert info.value.reason == "malformed"
+
+
+def test_impossible_length_in_garbage_is_skipped() -> None:
+    """A start marker with L < 5 cannot be a frame: it is skipped, the frames around it decode."""
+    login = build_frame(0x01, bytes.fromhex("0123456789012345"), 1)
+    heartbeat = build_frame(0x13, bytes.fromhex("4004040001"), 2)
+    decoder = Gt06Decoder()
+    decoder.receive_data(login + bytes.fromhex("787800ff") + heartbeat)
+    assert [type(e) for e in decoder.events()] == [Login, Heartbeat]
+    assert decoder.discarded_bytes == 4
+
+
+def test_0x11_has_a_wide_mnc_and_cell_id() -> None:
+    cell = bytes.fromhex("012e02d075df0084890c")  # MCC 302, MNC 720 (2 bytes), LAC 0x75DF, cell 0x0084890C
+    (event,) = decode(build_frame(0x11, gps_block(NOW, 43.97, -79.26) + cell, 6))
+    assert isinstance(event, Location) and event.cell is not None
+    assert (event.cell.mcc, event.cell.mnc, event.cell.lac, event.cell.cell_id) == (302, 720, 0x75DF, 0x0084890C)

@@ -16,7 +16,7 @@ from typing import Literal
 from msgspec.structs import replace
 
 from .crc import crc16_x25
-from .errors import BadLength, CrcMismatch, FrameTooLarge, MalformedPayload
+from .errors import CrcMismatch, FrameTooLarge, MalformedPayload
 from .events import (
     Alarm,
     CellTower,
@@ -189,7 +189,10 @@ class Gt06Decoder(StreamDecoder):
                 pos = self._resync(data, pos + 1)
                 continue
             if length < _MIN_L:
-                raise BadLength(f"declared length {length} < {_MIN_L}")
+                # Cannot hold type + serial + CRC (1.1): a marker inside garbage, or a vendor
+                # report without CRC (1.12). Skip it like any false start.
+                pos = self._resync(data, pos + 1)
+                continue
             total = head + length + 2
             if total > self.max_frame:
                 raise FrameTooLarge(f"declared frame size {total} > {self.max_frame}")
@@ -295,18 +298,20 @@ def _gps(f: _Frame, at: int) -> tuple[Position, int]:
     return position, at + 18
 
 
-def _cell(f: _Frame, at: int, lac_size: int = 2, ci_size: int = 3) -> tuple[CellTower | None, int]:
-    """Decode MCC/MNC/LAC/cell id (1.7); MCC bit 15 means a 2-byte MNC. None when it does not fit."""
+def _cell(
+    f: _Frame, at: int, lac_size: int = 2, ci_size: int = 3, wide_mnc: bool = False
+) -> tuple[CellTower | None, int]:
+    """Decode MCC/MNC/LAC/cell id (1.7); MCC bit 15 (or ``wide_mnc``) means a 2-byte MNC. None when it does not fit."""
     b = f.buf
     p = f.start + at
-    if lac_size == 2 and ci_size == 3 and f.size >= at + 8 and not b[p] & 0x80:
+    if lac_size == 2 and ci_size == 3 and not wide_mnc and f.size >= at + 8 and not b[p] & 0x80:
         mcc, mnc, lac, ci_hi, ci_lo = _CELL.unpack_from(b, p)  # the common 2G layout, in one call
         return CellTower(mcc=mcc, mnc=mnc, lac=lac, cell_id=ci_hi << 16 | ci_lo), at + 8
     if f.size < at + 3 + lac_size + ci_size:
         return None, f.size
     mcc = _U16.unpack_from(b, p)[0]
     p += 2
-    if mcc & 0x8000:
+    if mcc & 0x8000 or wide_mnc:
         mcc &= 0x7FFF
         mnc = _U16.unpack_from(b, p)[0]
         p += 2
@@ -371,13 +376,13 @@ def _login(f: _Frame) -> Event:
     return Login(msg_type=f.msg_type, imei=imei, serial=f.serial, model_code=model, tz_offset_min=tz, crc_ok=f.crc_ok)
 
 
-def _location(prefix: int = 0, lac_size: int = 2, ci_size: int = 3) -> Callable[[_Frame], Event]:
+def _location(prefix: int = 0, ci_size: int = 3, wide_mnc: bool = False) -> Callable[[_Frame], Event]:
     """GPS block after ``prefix`` bytes, then an optional cell block (0x10/0x11/0x12/0x1A/0x1E/0x37)."""
 
     def decode(f: _Frame) -> Event:
         f.need(prefix + 18)
         position, at = _gps(f, prefix)
-        cell, _ = _cell(f, at, lac_size, ci_size)
+        cell, _ = _cell(f, at, ci_size=ci_size, wide_mnc=wide_mnc)
         return Location(msg_type=f.msg_type, serial=f.serial, position=position, cell=cell, crc_ok=f.crc_ok)
 
     return decode
@@ -549,7 +554,7 @@ def _information(f: _Frame) -> Event:
         text=text,
         imei=_bcd_digits(data[0:8])[1:] if ids else None,
         imsi=_bcd_digits(data[8:16])[1:] if ids else None,
-        iccid=data[16:26].hex() if ids and len(data) >= 26 else None,
+        iccid=data[16:26].hex().rstrip("f") if ids and len(data) >= 26 else None,  # BCD, F-padded
         crc_ok=f.crc_ok,
     )
 
@@ -557,7 +562,7 @@ def _information(f: _Frame) -> Event:
 _DECODERS: dict[int, Callable[[_Frame], Event]] = {
     0x01: _login,
     0x10: _location(),
-    0x11: _location(ci_size=4),
+    0x11: _location(ci_size=4, wide_mnc=True),  # "LBS_6": 2-byte MNC, 4-byte cell id
     0x12: _location(),
     0x13: _heartbeat(external_voltage=False),
     0x15: _string_short,

@@ -74,15 +74,16 @@ def decode_capture(
                 decoder.receive_data(data)
                 decoder.receive_eof()
             finally:
+                # What was decoded before an error is stored and acknowledged before the close.
                 events.extend(decoder.events())
                 crc_mismatches = decoder.crc_mismatches
                 crc_checked = decoder.frames > 0
+                for event in events:
+                    reply = gt06.reply_for(event, now) if proto == "gt06" else teltonika.reply_for(event)
+                    if reply is not None:
+                        replies.append(reply)
             if not events and isinstance(decoder, gt06.Gt06Decoder) and decoder.discarded_bytes:
                 raise NoFrame(f"{decoder.discarded_bytes} bytes without a frame")
-            for event in events:
-                reply = gt06.reply_for(event, now) if proto == "gt06" else teltonika.reply_for(event)
-                if reply is not None:
-                    replies.append(reply)
     except CodecError as exc:
         error = exc
     crc_ok: bool | None = None

@@ -51,10 +51,10 @@ def split_datagrams(data: bytes) -> list[bytes]:
     pos = 0
     while pos < len(data):
         if len(data) - pos < 2:
-            raise Truncated("one byte left where a datagram length was expected")
+            raise BadLength("one byte left where a datagram length was expected")
         end = pos + 2 + struct.unpack_from(">H", data, pos)[0]
         if end > len(data):
-            raise Truncated(f"datagram declares {end - pos} bytes, {len(data) - pos} present")
+            raise BadLength(f"datagram declares {end - pos} bytes, {len(data) - pos} present")
         out.append(data[pos:end])
         pos = end
     return out
