@@ -421,20 +421,26 @@ def _alarm(lac_size: int = 2, ci_size: int = 3) -> Callable[[_Frame], Event]:
         status = _status(f, at)
         fence = f.buf[f.start + at + 5] if f.msg_type == 0x27 and f.size > at + 5 else None
         position = replace(position, ignition=status.acc, gsm_signal=status.gsm_signal)
-        code = status.alarm_code or 0
-        return Alarm(
-            msg_type=f.msg_type,
-            serial=f.serial,
-            alarm_code=code,
-            alarm=alarm_name(code),
-            status=status,
-            position=position,
-            cell=cell,
-            fence=fence,
-            crc_ok=f.crc_ok,
-        )
+        return _alarm_event(f, status, position=position, cell=cell, fence=fence)
 
     return decode
+
+
+def _alarm_event(
+    f: _Frame, status: TerminalStatus, *, position: Position | None = None, cell: CellTower | None, fence: int | None
+) -> Alarm:
+    code = status.alarm_code or 0
+    return Alarm(
+        msg_type=f.msg_type,
+        serial=f.serial,
+        alarm_code=code,
+        alarm=alarm_name(code),
+        status=status,
+        position=position,
+        cell=cell,
+        fence=fence,
+        crc_ok=f.crc_ok,
+    )
 
 
 def _lbs_alarm(f: _Frame) -> Event:
@@ -443,17 +449,7 @@ def _lbs_alarm(f: _Frame) -> Event:
     if cell is None:
         raise MalformedPayload("0x19 without a cell block")
     f.need(at + 5)
-    status = _status(f, at)
-    code = status.alarm_code or 0
-    return Alarm(
-        msg_type=f.msg_type,
-        serial=f.serial,
-        alarm_code=code,
-        alarm=alarm_name(code),
-        status=status,
-        cell=cell,
-        crc_ok=f.crc_ok,
-    )
+    return _alarm_event(f, _status(f, at), cell=cell, fence=None)
 
 
 def _lbs(with_time: bool) -> Callable[[_Frame], Event]:
