@@ -39,3 +39,35 @@ def load_fixtures() -> list[Fixture]:
 
 
 FIXTURE_CASES = load_fixtures()
+
+
+# --------------------------------------------------------------------------
+# Private servers, one per test session (see tests/servers.py).
+
+import pytest  # noqa: E402
+from servers import Server, mosquitto, redis_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> object:
+    server = redis_server(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_srv(tmp_path_factory: pytest.TempPathFactory) -> object:
+    server = mosquitto(tmp_path_factory.mktemp("mosquitto")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_srv: Server) -> str:
+    """A Redis URL on the private server, a fresh database number per test (flushed first)."""
+    import redis as redis_sync
+
+    client = redis_sync.Redis(port=redis_srv.port)
+    client.flushall()
+    client.close()
+    return f"redis://127.0.0.1:{redis_srv.port}/0"
