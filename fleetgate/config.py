@@ -1,0 +1,135 @@
+"""Whole-system configuration: one TOML file plus ``FLEETGATE_*`` environment overrides.
+
+The file's tables are the sections of :class:`Config` (``[listeners]``,
+``[limits]``, ``[bus]``, ...). An environment variable
+``FLEETGATE_<SECTION>__<KEY>`` overrides one key, e.g.
+``FLEETGATE_BUS__DRIVER=redis`` or ``FLEETGATE_LIMITS__IDLE_TIMEOUT_S=120``;
+values are converted to the key's type. Unknown sections or keys are errors.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gateway.settings import GatewaySettings
+
+ENV_PREFIX = "FLEETGATE_"
+
+
+class Config(GatewaySettings, kw_only=True, forbid_unknown_fields=True):
+    """Everything fleetgate reads from its configuration (the gateway's sections; the relay's join later)."""
+
+    log_level: str = "info"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message says where and why."""
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (optional), apply environment overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    for name, value in (os.environ if environ is None else environ).items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split("__")
+        target = data
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{name}: {key} is not a section")
+        target[keys[-1]] = _env_value(value)
+    try:
+        return msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"configuration: {exc}") from None
+
+
+def _env_value(text: str) -> Any:
+    """Environment values are strings; ``msgspec.convert(strict=False)`` turns them into ints, bools, floats."""
+    if text.lower() in ("none", "null"):
+        return None
+    return text
+
+
+EXAMPLE = """\
+# fleetgate configuration. Every key is optional; shown values are the defaults.
+# Any key can be overridden from the environment: FLEETGATE_<SECTION>__<KEY>,
+# e.g. FLEETGATE_BUS__DRIVER=redis FLEETGATE_BUS__REDIS_URL=redis://10.0.0.5:6379/0
+
+log_level = "info"
+
+[listeners]
+host = "0.0.0.0"          # where trackers connect
+gt06_port = 5023          # GT06 / Concox over TCP
+teltonika_port = 5027     # Teltonika over TCP
+teltonika_udp_port = 5027 # Teltonika over UDP
+gt06 = true
+teltonika = true
+teltonika_udp = true
+
+[limits]
+login_timeout_s = 30.0         # close a connection that has not logged in (GT06 login / Teltonika IMEI)
+idle_timeout_s = 900.0         # close a connection silent for this long
+max_frame = 32768              # largest frame accepted; a larger declared length closes at once
+max_connections = 50000        # device connections in total
+max_connections_per_ip = 200   # device connections per source IP (carrier NAT shares addresses)
+udp_max_inflight = 1000        # UDP datagrams being committed at once; more are dropped unACKed
+
+[codecs]
+gt06_crc = "reject"       # "reject": a bad CRC closes the connection, nothing is ACKed; "count": accept and flag
+teltonika_crc = "reject"
+
+[registry]
+unknown_devices = "reject"   # "reject": Teltonika gets 00, GT06 no login reply, both closed; "register": auto-create
+default_company = "default"  # company of auto-registered devices
+
+[bus]
+driver = "memory"                       # "memory" (one process) or "redis" (several gateways and relays)
+redis_url = "redis://127.0.0.1:6379/0"  # use appendonly yes (+ appendfsync always for power-loss safety)
+prefix = "fleetgate"
+positions_maxlen = 1000000              # stream cap (XADD MAXLEN ~)
+ingest_maxlen = 100000
+dedup_window_s = 3600                   # a resent record within this window is dropped
+memory_dedup_max = 1000000
+
+[state]
+driver = "sqlite"                       # "sqlite" (one process) or "redis"
+sqlite_path = "fleetgate.sqlite"
+redis_url = "redis://127.0.0.1:6379/0"
+prefix = "fleetgate"
+
+[commit]
+max_batch = 2000          # records per bus write (group commit across connections)
+
+[pipeline]
+moving_start_kmh = 5.0    # stopped -> moving above this speed
+moving_stop_kmh = 2.0     # moving -> stopped below this speed (hysteresis)
+max_future_s = 90000.0    # fix times further ahead than this are flagged "future_time"
+max_jump_kmh = 1000.0     # integrated odometer ignores jumps faster than this
+
+[mqtt]
+enabled = false
+host = "127.0.0.1"
+port = 1883
+client_id = "fleetgate-gateway"
+json_topic = "fleetgate/devices/{imei}/position"
+teltonika_topic = "fleetgate/devices/{imei}/teltonika"
+# shared_group = "gateways"   # MQTT 5 shared subscription: several gateways split the topics
+session_expiry_s = 86400
+
+[metrics]
+host = "127.0.0.1"        # /metrics and /healthz
+port = 9102
+"""

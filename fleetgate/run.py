@@ -1,0 +1,167 @@
+"""``fleetgate run`` (embedded, one process), ``gateway`` (distributed), ``tail`` and ``config``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+import msgspec
+
+from fleetgate.config import EXAMPLE, Config, ConfigError, load_config
+from gateway import sdnotify
+from gateway.bus import open_bus
+from gateway.ops_http import start_ops_server
+from gateway.service import Gateway
+from gateway.state import open_state
+
+log = logging.getLogger("fleetgate")
+STOP_TIMEOUT_S = 8.0
+
+
+def add_parsers(commands: Any) -> None:
+    p = commands.add_parser("run", help="run gateway (and relay) in one process, embedded defaults")
+    p.add_argument("--config", help="TOML file (default: built-in defaults + FLEETGATE_* environment)")
+    p.set_defaults(handler=lambda a: _serve(a, distributed=False))
+    p = commands.add_parser("gateway", help="run a gateway for a distributed deployment (Redis required)")
+    p.add_argument("--config", help="TOML file")
+    p.set_defaults(handler=lambda a: _serve(a, distributed=True))
+    p = commands.add_parser("tail", help="print records as they are committed to the bus (JSON lines)")
+    p.add_argument("--config", help="TOML file")
+    p.add_argument("--from-start", action="store_true", help="begin with the records still retained")
+    p.add_argument("--count", type=int, default=0, help="stop after this many records (0: never)")
+    p.set_defaults(handler=_tail)
+    p = commands.add_parser("config", help="show configuration")
+    p.add_argument("--config", help="TOML file")
+    p.add_argument("--example", action="store_true", help="print a commented example file")
+    p.set_defaults(handler=_config)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        print(f"fleetgate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.example:
+        sys.stdout.write(EXAMPLE)
+    else:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(_load(args)), indent=2).decode() + "\n")
+    return 0
+
+
+def _serve(args: argparse.Namespace, *, distributed: bool) -> int:
+    config = _load(args)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if distributed and (config.bus.driver != "redis" or config.state.driver != "redis"):
+        print(
+            'fleetgate gateway: a distributed gateway needs Redis: set [bus] driver = "redis" and '
+            '[state] driver = "redis" (or FLEETGATE_BUS__DRIVER=redis FLEETGATE_STATE__DRIVER=redis) '
+            "and their redis_url",
+            file=sys.stderr,
+        )
+        return 2
+    _install_uvloop()
+    return asyncio.run(serve(config))
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(config: Config) -> int:
+    """Start everything, announce readiness, run until SIGTERM/SIGINT, then stop within the timeout."""
+    bus = open_bus(config.bus)
+    store = open_state(config.state)
+    gateway = Gateway(config, bus, store)
+    await gateway.start()
+    ops = await start_ops_server(config.metrics.host, config.metrics.port, gateway.health)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    _announce(config, gateway, ops)
+    sdnotify.ready()
+    watchdog = asyncio.create_task(sdnotify.watchdog_loop())
+    await stop.wait()
+    sdnotify.stopping()
+    log.info("stopping: finishing in-flight commits and ACKs")
+    try:
+        await asyncio.wait_for(gateway.stop(STOP_TIMEOUT_S), timeout=STOP_TIMEOUT_S + 1)
+    except TimeoutError:
+        log.warning("stop timed out; exiting anyway")
+    watchdog.cancel()
+    ops.close()
+    with contextlib.suppress(Exception):
+        await bus.close()
+        await store.close()
+    return 0
+
+
+def _announce(config: Config, gateway: Gateway, ops: asyncio.Server) -> None:
+    host = config.listeners.host
+    lines = [f"fleetgate {('embedded' if config.bus.driver == 'memory' else 'distributed')} mode, ready:"]
+    for name in ("gt06", "teltonika", "teltonika-udp"):
+        if name in gateway.servers or (name == "teltonika-udp" and gateway.udp is not None):
+            kind = "udp" if name == "teltonika-udp" else "tcp"
+            lines.append(f"  {name:<14} {kind}://{host}:{gateway.port(name)}")
+    if config.mqtt.enabled:
+        lines.append(f"  mqtt           subscribed at {config.mqtt.host}:{config.mqtt.port}")
+    ops_port = ops.sockets[0].getsockname()[1]
+    lines.append(f"  metrics        http://{config.metrics.host}:{ops_port}/metrics  (health: /healthz)")
+    lines.append(f"  bus            {config.bus.driver}   state: {config.state.driver}")
+    lines.append("  try: fleetgate simulate --protocol teltonika --devices 5   and   fleetgate tail")
+    print("\n".join(lines), flush=True)
+
+
+def _tail(args: argparse.Namespace) -> int:
+    config = _load(args)
+    return asyncio.run(tail(config, from_start=args.from_start, count=args.count))
+
+
+async def tail(config: Config, *, from_start: bool, count: int) -> int:
+    """Print committed records as JSON lines: from Redis directly, or from an embedded process's ops port."""
+    encoder = msgspec.json.Encoder()
+    seen = 0
+    if config.bus.driver == "redis":
+        bus = open_bus(config.bus)
+        try:
+            async for _, record in bus.tail(after="0" if from_start else "$"):
+                sys.stdout.write(encoder.encode(record).decode() + "\n")
+                sys.stdout.flush()
+                seen += 1
+                if count and seen >= count:
+                    break
+        finally:
+            await bus.close()
+        return 0
+    reader, writer = await asyncio.open_connection(config.metrics.host, config.metrics.port)
+    query = "?from=start" if from_start else ""
+    writer.write(f"GET /tail{query} HTTP/1.1\r\nHost: fleetgate\r\n\r\n".encode())
+    await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:
+        print(f"fleetgate tail: {status.decode().strip()}", file=sys.stderr)
+        return 1
+    while (await reader.readline()).strip():
+        pass  # headers
+    async for line in reader:
+        if line.strip():
+            sys.stdout.write(line.decode())
+            sys.stdout.flush()
+            seen += 1
+            if count and seen >= count:
+                break
+    writer.close()
+    return 0

@@ -1,0 +1,1 @@
+"""Device listeners: TCP (GT06, Teltonika), UDP (Teltonika) and MQTT."""
