@@ -128,6 +128,9 @@ class DeviceConnection(asyncio.Protocol):
         if self.decoder.crc_mismatches != crc_before:
             metrics.CRC_MISMATCHES.labels(protocol=self.protocol_name).inc(self.decoder.crc_mismatches - crc_before)
         self._pending.extend(self.decoder.events())
+        if getattr(self.decoder, "discarded_bytes", 0) > self.server.settings.limits.max_frame:
+            self.close("garbage")  # bytes that never form a frame: more than a frame's worth is enough
+            return
         if self.task is None and (self._pending or self._error is not None):
             self._received_at = datetime.now(UTC)
             self._rx_clock = time.perf_counter()
@@ -139,6 +142,9 @@ class DeviceConnection(asyncio.Protocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:  # the peer went first; our own closes are counted in close()
+            reason = "peer_reset" if exc is not None else "peer_closed"
+            metrics.CLOSED_CONNECTIONS.labels(protocol=self.protocol_name, reason=reason).inc()
         self._closed = True
         if not self._admitted:
             return
