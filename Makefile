@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench system-deps clean
+.PHONY: run demo test lint typecheck bench system-deps clean
 
 $(STAMP): pyproject.toml
 	@PYTHON=$(PYTHON) bash scripts/system-deps.sh build
@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## run: set up, then start fleetgate (for now: decode the bundled vendor example frames)
+## run: set up, then start fleetgate in one process on its embedded defaults (say where to connect)
 run: $(STAMP)
+	$(BIN)/fleetgate run
+
+## demo: decode the bundled vendor example frames
+demo: $(STAMP)
 	$(BIN)/fleetgate decode --demo
 
 ## test: install what the tests need, then lint, type-check and run the test suite
@@ -31,9 +35,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## bench: codec throughput, printed as JSON
+## bench: codec and ingest throughput, printed as JSON
 bench: $(STAMP)
 	$(BIN)/python bench/codecs.py
+	$(BIN)/python bench/ingest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

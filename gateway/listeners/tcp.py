@@ -98,8 +98,7 @@ class DeviceConnection(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # a stream transport (asyncio's or uvloop's)
         peer = transport.get_extra_info("peername")
         self._ip = peer[0] if peer else ""
         refused = self.server.limits.admit(self._ip)

@@ -1,0 +1,41 @@
+"""``fleetgate run`` as a process: says where to connect, ingests, serves /metrics and /healthz, SIGTERM exits."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import time
+import urllib.request
+from pathlib import Path
+
+from conftest import FIXTURE_CASES
+from procs import GatewayProcess
+
+IMEI_PACKET = struct.pack(">H", 15) + b"356307042441013"
+AVL_2 = next(f.data for f in FIXTURE_CASES if f.id == "teltonika/dev-tltcp-003")
+
+
+def test_run_ingests_reports_and_stops_on_sigterm(tmp_path: Path) -> None:
+    gw = GatewayProcess(tmp_path, "run", FLEETGATE_REGISTRY__UNKNOWN_DEVICES="register").start()
+    try:
+        with socket.create_connection(("127.0.0.1", gw.ports["teltonika"]), timeout=5) as s:
+            s.sendall(IMEI_PACKET)
+            assert s.recv(1) == b"\x01"
+            s.sendall(AVL_2)
+            assert s.recv(4) == b"\x00\x00\x00\x02"
+        base = f"http://127.0.0.1:{gw.ports['metrics']}"
+        body = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+        assert 'fleetgate_records_committed_total{source="teltonika"} 2.0' in body
+        assert "356307042441013" not in body
+        health = urllib.request.urlopen(base + "/healthz", timeout=5)
+        assert health.status == 200
+        started = time.monotonic()
+        gw.signal(signal.SIGTERM)
+        assert gw.wait(10) == 0
+        assert time.monotonic() - started < 10
+        out = gw.output()
+        assert f"teltonika      tcp://127.0.0.1:{gw.ports['teltonika']}" in out
+        assert "metrics" in out and "/healthz" in out
+    finally:
+        gw.stop()
