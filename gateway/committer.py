@@ -103,14 +103,14 @@ class GroupCommitter:
         self._after_commit(records, flags)
 
     def _after_commit(self, records: list[TrackedPosition], flags: list[bool]) -> None:
-        written = [r for r, new in zip(records, flags, strict=True) if new]
         for record, new in zip(records, flags, strict=True):
             (metrics.RECORDS_COMMITTED if new else metrics.DUPLICATES_DROPPED).labels(source=record.source).inc()
-        if written:
-            newest = max(r.received_at for r in written)
-            metrics.BUS_LAG.set(max(0.0, time.time() - newest.timestamp()))
-            self._to_save.extend(written)
-            self._save_wake.set()
+        newest = max(r.received_at for r in records)
+        metrics.BUS_LAG.set(max(0.0, time.time() - newest.timestamp()))
+        # Duplicates too: a resend after a lost publish reply comes back flagged as a duplicate, and its
+        # last position may not have been saved yet. Saving twice is harmless (older never beats newer).
+        self._to_save.extend(records)
+        self._save_wake.set()
 
     async def _save_loop(self) -> None:
         """Save last positions off the commit path, coalescing whatever accumulated meanwhile."""

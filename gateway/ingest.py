@@ -106,4 +106,7 @@ class Ingest:
                     break
                 except BusError:
                     await asyncio.sleep(1.0)
-            await self.bus.ack_ingest(group, [entry_id for entry_id, _ in items])
+            try:
+                await self.bus.ack_ingest(group, [entry_id for entry_id, _ in items])
+            except BusError:
+                log.warning("ingest ack failed; the items will be redelivered and dropped as duplicates")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 
 from gateway.bus.base import Bus
@@ -46,7 +45,8 @@ class Gateway:
             self.servers["teltonika"] = await start_tcp(self.devices, s.host, s.teltonika_port, TeltonikaConnection)
         if s.teltonika_udp:
             self.udp = await start_udp(self.settings, self.ingest, s.host, s.teltonika_udp_port)
-        consumer = f"{socket.gethostname()}-{os.getpid()}"
+        # A stable consumer name: after a restart this gateway takes back what it had been given but not acked.
+        consumer = f"gateway-{socket.gethostname()}"
         self._consumer = asyncio.create_task(self.ingest.consume_ingest("gateway", consumer), name="ingest-consumer")
         if self.settings.mqtt.enabled:
             from gateway.listeners.mqtt import MqttIngest

@@ -47,7 +47,11 @@ class Bus(Protocol):
     async def read_group(
         self, group: str, consumer: str, *, count: int = 100, block_ms: int = 1000
     ) -> list[tuple[str, TrackedPosition]]:
-        """Records not yet delivered to ``group`` (created at the stream's start when missing)."""
+        """Records not yet delivered to ``group`` (created at the stream's start when missing).
+
+        Waits up to ``block_ms`` for new ones; ``block_ms=0`` means do not wait (unlike Redis's BLOCK 0).
+        The first call under a consumer name also returns that consumer's delivered-but-unacked entries.
+        """
         ...
 
     async def ack(self, group: str, entry_ids: Sequence[str]) -> None:
