@@ -17,6 +17,7 @@ import logging
 import time
 from collections import deque
 from datetime import UTC, datetime
+from typing import cast
 
 from gateway import metrics
 from gateway.bus.base import BusError
@@ -98,7 +99,8 @@ class DeviceConnection(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a stream transport (asyncio's or uvloop's)
+        # A stream transport, asyncio's or uvloop's (which does not subclass asyncio.Transport).
+        self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._ip = peer[0] if peer else ""
         refused = self.server.limits.admit(self._ip)
