@@ -1,4 +1,4 @@
-"""Teltonika AVL records, shared by the TCP packets and the UDP datagrams (protocols.md 2.3, 2.4).
+"""Teltonika AVL records, shared by the TCP packets and the UDP datagrams (docs/device-protocols.md 2.3, 2.4).
 
 Speed matters here: a busy gateway decodes hundreds of thousands of records
 a second. A device sends records of the same IO layout over and over, so the

@@ -66,7 +66,7 @@ class CellTower(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 class TerminalStatus(msgspec.Struct, frozen=True, kw_only=True, gc=False, omit_defaults=True):
-    """GT06 terminal information byte plus the voltage/GSM/alarm/language bytes (protocols.md 1.8)."""
+    """GT06 terminal information byte plus the voltage/GSM/alarm/language bytes (docs/device-protocols.md 1.8)."""
 
     fuel_cut: bool
     gps_tracking: bool

@@ -1,4 +1,4 @@
-"""GT06 / Concox binary protocol over TCP (protocols.md section 1).
+"""GT06 / Concox binary protocol over TCP (docs/device-protocols.md section 1).
 
 Frames are ``78 78 | L(1) | type | content | serial(2) | crc(2) | 0D 0A`` or
 the same with ``79 79`` and a 2-byte L. :class:`Gt06Decoder` splits a byte
@@ -240,7 +240,7 @@ class Gt06Decoder(StreamDecoder):
 
 # --------------------------------------------------------------------------
 # Field decoders. Each takes a _Frame and returns one event; offsets follow
-# the tables of protocols.md section 1.
+# the tables of docs/device-protocols.md section 1.
 
 
 def _bcd_digits(raw: bytes) -> str:

@@ -34,7 +34,7 @@ class Capture(msgspec.Struct, kw_only=True):
 
 
 def detect(data: bytes) -> Protocol:
-    """Guess the protocol of a capture from its first bytes (protocols.md 1.1, 2.1, 3)."""
+    """Guess the protocol of a capture from its first bytes (docs/device-protocols.md 1.1, 2.1, 3)."""
     if data[:2] in (gt06.SHORT, gt06.LONG):
         return "gt06"
     if data[:1] == b"\xff" or len(data) < 2:

@@ -1,6 +1,6 @@
 """Teltonika over TCP: IMEI handshake, AVL packets (codec 8, 8E, 16) and GPRS commands (12-15).
 
-Stream layout (protocols.md 2.1, 2.2, 2.6)::
+Stream layout (docs/device-protocols.md 2.1, 2.2, 2.6)::
 
     IMEI packet:   length u16 (15) | IMEI ASCII          -> server answers 01 / 00
     data packet:   00 00 00 00 | data length u32 | data field | CRC u32 (upper 16 bits 0)

@@ -1,4 +1,4 @@
-"""Teltonika over UDP: one AVL packet per datagram, no CRC (protocols.md section 3).
+"""Teltonika over UDP: one AVL packet per datagram, no CRC (docs/device-protocols.md section 3).
 
 Datagram layout::
 

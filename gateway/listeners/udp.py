@@ -1,4 +1,4 @@
-"""Teltonika over UDP: one AVL packet per datagram, ACKed to the sender once committed (protocols.md 3).
+"""Teltonika over UDP: one AVL packet per datagram, ACKed to the sender once committed (docs/device-protocols.md 3).
 
 Each datagram is decoded at once; the registry lookup and the commit run in
 a task, bounded by ``udp_max_inflight``: past it, datagrams are dropped
