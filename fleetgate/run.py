@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -15,7 +16,8 @@ import msgspec
 from fleetgate.config import EXAMPLE, Config, ConfigError, load_config
 from gateway import sdnotify
 from gateway.bus import open_bus
-from gateway.ops_http import start_ops_server
+from gateway.bus.base import Bus
+from gateway.ops_http import TailSource, start_ops_server
 from gateway.service import Gateway
 from gateway.state import open_state
 
@@ -86,7 +88,7 @@ async def serve(config: Config) -> int:
     store = open_state(config.state)
     gateway = Gateway(config, bus, store)
     await gateway.start()
-    ops = await start_ops_server(config.metrics.host, config.metrics.port, gateway.health)
+    ops = await start_ops_server(config.metrics.host, config.metrics.port, gateway.health, tail=_tail_source(bus))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,6 +109,16 @@ async def serve(config: Config) -> int:
         await bus.close()
         await store.close()
     return 0
+
+
+def _tail_source(bus: Bus) -> TailSource:
+    encode = msgspec.json.Encoder().encode
+
+    async def lines(from_start: bool) -> AsyncIterator[bytes]:
+        async for _, record in bus.tail(after="0" if from_start else "$"):
+            yield encode(record) + b"\n"
+
+    return lines
 
 
 def _announce(config: Config, gateway: Gateway, ops: asyncio.Server) -> None:

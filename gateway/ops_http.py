@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gateway import metrics
@@ -28,6 +28,8 @@ __all__ = ["HealthCheck", "start_ops_server"]
 log = logging.getLogger(__name__)
 
 HealthCheck = Callable[[], dict[str, Any]]
+TailSource = Callable[[bool], AsyncIterator[bytes]]
+"""``tail(from_start)``: committed records as JSON lines, for ``GET /tail`` (``?from=start``)."""
 
 MAX_HEADER_BYTES = 8 * 1024
 READ_TIMEOUT_S = 10.0
@@ -47,6 +49,7 @@ _REASONS = {
 }
 _TEXT = "text/plain; charset=utf-8"
 _JSON = "application/json"
+_NDJSON = "application/x-ndjson"
 
 
 class _Response:
@@ -77,8 +80,11 @@ def _plain(status: int, extra: str = "") -> _Response:
 class _OpsHandler:
     """Per-server state: the health callable, the limits and the count of open connections."""
 
-    def __init__(self, health: HealthCheck, *, read_timeout: float, max_connections: int) -> None:
+    def __init__(
+        self, health: HealthCheck, *, read_timeout: float, max_connections: int, tail: TailSource | None = None
+    ) -> None:
         self.health = health
+        self.tail = tail
         self.read_timeout = read_timeout
         self.max_connections = max_connections
         self.open = 0
@@ -96,7 +102,9 @@ class _OpsHandler:
             if self.open > self.max_connections:
                 return  # shed load: close without reading
             response, head_only = await self.respond(reader)
-            if response is not None:
+            if response is not None and response.status == 200 and response.content_type == _NDJSON:
+                await self.stream_tail(reader, writer, from_start=response.extra == "from=start")
+            elif response is not None:
                 writer.write(response.encode(head_only=head_only))
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
                 await self.linger(reader, writer)
@@ -136,12 +144,27 @@ class _OpsHandler:
             return _plain(408), False
         return self.route(head)
 
+    async def stream_tail(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_start: bool
+    ) -> None:
+        """``GET /tail``: an endless NDJSON body (one committed record per line) until the client leaves."""
+        assert self.tail is not None
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + _NDJSON.encode() + b"\r\nConnection: close\r\n\r\n")
+        async for line in self.tail(from_start):
+            writer.write(line)
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+            if reader.at_eof():
+                return
+
     def route(self, head: bytes) -> tuple[_Response, bool]:
         request_line = head.split(b"\r\n", 1)[0]
         parts = request_line.split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
             return _plain(400), False
         method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if target == b"/tail" and self.tail is not None and method == b"GET":
+            query = parts[1].split(b"?", 1)[1] if b"?" in parts[1] else b""
+            return _Response(200, b"", _NDJSON, extra=query.decode("ascii", "replace")), False
         endpoint = self.routes.get(target.decode("ascii", "replace"))
         if endpoint is None:
             return _plain(404), method == b"HEAD"
@@ -170,14 +193,16 @@ async def start_ops_server(
     max_header: int = MAX_HEADER_BYTES,
     read_timeout: float = READ_TIMEOUT_S,
     max_connections: int = MAX_CONNECTIONS,
+    tail: TailSource | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (0: any free port; read it from ``server.sockets``) and serve the ops endpoints.
 
     Request heads over ``max_header`` bytes get 431, heads not complete within
     ``read_timeout`` seconds get 408, connections beyond ``max_connections`` are
-    closed unanswered. The caller owns the returned server (``close()``,
-    ``wait_closed()``).
+    closed unanswered. With ``tail``, ``GET /tail`` streams committed records
+    (how ``fleetgate tail`` watches an embedded process). The caller owns the
+    returned server (``close()``, ``wait_closed()``).
     """
-    handler = _OpsHandler(health, read_timeout=read_timeout, max_connections=max_connections)
+    handler = _OpsHandler(health, read_timeout=read_timeout, max_connections=max_connections, tail=tail)
     # The stream buffer limit is what makes readuntil() stop at max_header bytes.
     return await asyncio.start_server(handler, host, port, limit=max_header)

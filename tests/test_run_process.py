@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import struct
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 from conftest import FIXTURE_CASES
-from procs import GatewayProcess
+from procs import FLEETGATE, GatewayProcess
 
 IMEI_PACKET = struct.pack(">H", 15) + b"356307042441013"
 AVL_2 = next(f.data for f in FIXTURE_CASES if f.id == "teltonika/dev-tltcp-003")
@@ -30,6 +32,12 @@ def test_run_ingests_reports_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert "356307042441013" not in body
         health = urllib.request.urlopen(base + "/healthz", timeout=5)
         assert health.status == 200
+        tail = subprocess.run(
+            [FLEETGATE, "tail", "--from-start", "--count", "2"], env=gw.env, capture_output=True, text=True, timeout=20
+        )
+        lines = [json.loads(line) for line in tail.stdout.splitlines()]
+        assert [r["asset_id"] for r in lines] == ["356307042441013"] * 2
+        assert lines[0]["fix_time"] < lines[1]["fix_time"]
         started = time.monotonic()
         gw.signal(signal.SIGTERM)
         assert gw.wait(10) == 0
