@@ -42,7 +42,10 @@ class Ingest:
 
     async def device_for(self, imei: str, protocol: str) -> Device | None:
         """The registered device for ``imei``; unknown ones are registered or refused by policy (and counted)."""
-        device = await self.store.get_device(imei)
+        try:
+            device = await self.store.get_device(imei)
+        except Exception as exc:  # the registry is unreachable: refuse for now, the device retries
+            raise BusError(f"state store unavailable: {type(exc).__name__}") from exc
         if device is not None:
             return device
         metrics.UNKNOWN_DEVICES.labels(protocol=protocol).inc()

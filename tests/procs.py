@@ -41,6 +41,12 @@ class GatewayProcess:
         wait_port(self.ports["metrics"], timeout=20)
         return self
 
+    def restart(self) -> GatewayProcess:
+        """Start the command again on the same ports (after a kill or a stop)."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("still running")
+        return self.start()
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
