@@ -6,13 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fleetgate import decode, run
+from fleetgate import decode, devices, run
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetgate", description="GPS-tracker ingestion gateway and live relay.")
     commands = parser.add_subparsers(dest="command", required=True)
     decode.add_parser(commands)
+    devices.add_parser(commands)
     run.add_parsers(commands)
     return parser
 
