@@ -12,7 +12,7 @@ Records are frozen msgspec Structs: msgpack on Redis, JSON toward clients.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 
@@ -93,10 +93,20 @@ class IngestPosition(msgspec.Struct, frozen=True, kw_only=True, gc=False, omit_d
     accuracy_m: float | None = None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def fix_time_ms(fix_time: datetime) -> int:
+    """Milliseconds since the epoch, exact (integer arithmetic, no float rounding); naive times count as UTC."""
+    if fix_time.tzinfo is None:
+        fix_time = fix_time.replace(tzinfo=UTC)
+    return (fix_time - _EPOCH) // _MS
+
+
 def record_id(imei: str, fix_time: datetime, kind: Kind) -> str:
     """Deterministic id from IMEI + fix time (ms) + kind: equal for a resent record, so consumers can be idempotent."""
-    ms = int(fix_time.timestamp() * 1000)
-    return f"{imei}:{ms}:{kind}"
+    return f"{imei}:{fix_time_ms(fix_time)}:{kind}"
 
 
 encode_msgpack = msgspec.msgpack.Encoder().encode

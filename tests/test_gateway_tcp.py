@@ -11,6 +11,7 @@ from gatewaykit import GT06_IMEI, IMEI, DeviceClient, HeldBus, device, records_o
 
 from gateway import metrics
 from gateway.bus.memory import MemoryBus
+from gateway.records import fix_time_ms
 from gateway.settings import BusSettings
 from trackcodecs import gt06, teltonika
 
@@ -164,7 +165,7 @@ async def test_each_fixture_replayed_three_times_gives_one_record(tmp_path: Path
 def _ms(iso: str) -> int:
     from datetime import datetime
 
-    return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+    return fix_time_ms(datetime.fromisoformat(iso.replace("Z", "+00:00")))
 
 
 async def test_one_session_per_imei(tmp_path: Path) -> None:

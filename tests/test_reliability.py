@@ -14,6 +14,7 @@ from procs import GatewayProcess
 from servers import Server, redis_server
 
 from gateway.bus.redis import RedisBus
+from gateway.records import fix_time_ms
 from gateway.settings import BusSettings
 from gateway.simulator import Simulation
 
@@ -61,7 +62,7 @@ async def stream_keys(redis: Server) -> list[tuple[str, int]]:
         total = await bus.length()
         keys = []
         async for _, record in bus.tail(after="0"):
-            keys.append((record.imei, int(record.fix_time.timestamp() * 1000)))
+            keys.append((record.imei, fix_time_ms(record.fix_time)))
             if len(keys) == total:
                 break
         return keys
