@@ -15,6 +15,7 @@ import socket
 
 from gateway.bus.base import Bus
 from gateway.ingest import Ingest
+from gateway.listeners.mqtt import MqttIngest
 from gateway.listeners.tcp import DeviceServer, Gt06Connection, TeltonikaConnection, start_tcp
 from gateway.listeners.udp import TeltonikaUdp, start_udp
 from gateway.settings import GatewaySettings
@@ -32,7 +33,7 @@ class Gateway:
         self.devices = DeviceServer(settings, self.ingest)
         self.servers: dict[str, asyncio.Server] = {}
         self.udp: TeltonikaUdp | None = None
-        self.mqtt: object | None = None
+        self.mqtt: MqttIngest | None = None
         self._consumer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -49,8 +50,6 @@ class Gateway:
         consumer = f"gateway-{socket.gethostname()}"
         self._consumer = asyncio.create_task(self.ingest.consume_ingest("gateway", consumer), name="ingest-consumer")
         if self.settings.mqtt.enabled:
-            from gateway.listeners.mqtt import MqttIngest
-
             mqtt = MqttIngest(self.settings.mqtt, self.ingest)
             await mqtt.start()
             self.mqtt = mqtt
@@ -68,6 +67,7 @@ class Gateway:
             "listeners": sorted(self.servers) + (["teltonika-udp"] if self.udp else []),
             "connections": len(self.devices.connections),
             "sessions": len(self.devices.sessions),
+            **({"mqtt": self.mqtt.health()} if self.mqtt is not None else {}),
         }
 
     async def stop(self, timeout: float = 8.0) -> None:
@@ -77,7 +77,7 @@ class Gateway:
         if self.udp is not None:
             self.udp.accepting = False
         if self.mqtt is not None:
-            await self.mqtt.stop(timeout / 2)  # type: ignore[attr-defined]
+            await self.mqtt.stop(timeout / 2)
         await self.devices.stop(timeout / 2)
         if self.udp is not None:
             await self.udp.drain(timeout / 4)

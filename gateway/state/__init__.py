@@ -8,6 +8,7 @@ from gateway.state.base import StateStore
 
 __all__ = ["StateStore", "fix_time_ms", "open_state"]
 
+
 def open_state(settings: StateSettings) -> StateStore:
     """The driver ``settings.driver`` names; only that driver's modules are imported."""
     if settings.driver == "redis":
@@ -17,4 +18,3 @@ def open_state(settings: StateSettings) -> StateStore:
     from gateway.state.sqlite import SqliteStateStore
 
     return SqliteStateStore(settings)
-
