@@ -218,9 +218,9 @@ class MemoryBus:
     async def length(self) -> int:
         return len(self._positions.entries)
 
-    async def pending(self, group: str) -> int:
-        """Delivered and not yet acknowledged entries of ``group`` on ``positions`` (for tests and metrics)."""
-        return self._positions.pending_count(group)
+    async def pending(self, group: str, *, stream: str = "positions") -> int:
+        """Delivered and not yet acknowledged entries of ``group`` on ``positions`` or ``ingest``."""
+        return (self._positions if stream == "positions" else self._ingest).pending_count(group)
 
     async def close(self) -> None:
         """End every tail; group reads and writes raise :class:`BusError` from now on."""

@@ -256,11 +256,12 @@ class RedisBus:
         with bus_errors("length"):
             return int(await command(self._redis, "XLEN", self._positions))
 
-    async def pending(self, group: str) -> int:
-        """Delivered and not yet acknowledged entries of ``group`` on ``positions`` (for tests and metrics)."""
+    async def pending(self, group: str, *, stream: str = "positions") -> int:
+        """Delivered and not yet acknowledged entries of ``group`` on ``positions`` or ``ingest``."""
+        key = self._positions if stream == "positions" else self._ingest
         with bus_errors("pending"):
             try:
-                summary = await command(self._redis, "XPENDING", self._positions, group)
+                summary = await command(self._redis, "XPENDING", key, group)
             except ResponseError as exc:
                 if str(exc).startswith("NOGROUP"):
                     return 0
