@@ -90,6 +90,7 @@ udp_max_inflight = 1000        # UDP datagrams being committed at once; more are
 [codecs]
 gt06_crc = "reject"       # "reject": a bad CRC closes the connection, nothing is ACKed; "count": accept and flag
 teltonika_crc = "reject"
+# gt06_device_time_offset_min = 480   # GT06 0x12/0x16 device time is UTC+8h (default: the login's time zone, else UTC)
 
 [registry]
 unknown_devices = "reject"   # "reject": Teltonika gets 00, GT06 no login reply, both closed; "register": auto-create

@@ -37,6 +37,8 @@ class LimitSettings(_Section):
 class CodecSettings(_Section):
     gt06_crc: Literal["reject", "count"] = "reject"
     teltonika_crc: Literal["reject", "count"] = "reject"
+    # GT06 0x12/0x16 carry device time: minutes east of UTC; None uses the login's time-zone field, else UTC.
+    gt06_device_time_offset_min: int | None = None
 
 
 class RegistrySettings(_Section):

@@ -212,7 +212,11 @@ class Gt06Connection(DeviceConnection):
 
     def make_decoder(self) -> StreamDecoder:
         s = self.server.settings
-        return gt06.Gt06Decoder(max_frame=s.limits.max_frame, crc_policy=s.codecs.gt06_crc)
+        return gt06.Gt06Decoder(
+            max_frame=s.limits.max_frame,
+            crc_policy=s.codecs.gt06_crc,
+            local_offset_min=s.codecs.gt06_device_time_offset_min,
+        )
 
     async def handle(self, event: Event) -> None:
         """Login first; then commit what holds positions and answer what the protocol answers (1.10)."""
