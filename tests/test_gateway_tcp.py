@@ -244,3 +244,30 @@ async def test_acks_echo_only_what_was_stored_after_a_codec_error(tmp_path: Path
 
 async def test_command_encoders_match_what_the_listener_decodes() -> None:
     assert teltonika.imei_reply(True) == b"\x01"
+
+
+async def test_group_commit_batches_many_connections_into_one_write(tmp_path: Path) -> None:
+    """While one bus write is in flight, every other connection's frame waits and goes out in the next write."""
+    imeis = [f"35630704244{n:04d}" for n in range(10)]
+    bus = HeldBus(MemoryBus(BusSettings()))
+    async with running_gateway(tmp_path, devices=[device(i, f"t{i}") for i in imeis], bus=bus) as gw:
+        clients = []
+        for imei in imeis:
+            client = await DeviceClient.connect(gw.port("teltonika"))
+            await client.send(struct.pack(">H", 15) + imei.encode())
+            assert await client.recv(1) == b"\x01"
+            clients.append(client)
+        bus.release.clear()
+        await clients[0].send(AVL_2)
+        while bus.publishes < 1:
+            await asyncio.sleep(0.01)
+        for client in clients[1:]:
+            await client.send(AVL_2)
+        await asyncio.sleep(0.3)  # the other nine frames queue behind the held write
+        bus.release.set()
+        for client in clients:
+            assert await client.recv(4) == b"\x00\x00\x00\x02"
+        assert bus.publishes == 2  # one write for the first frame, one for the nine others
+        assert await gw.bus.length() == 20
+        for client in clients:
+            await client.close()
