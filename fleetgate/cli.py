@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fleetgate import decode, devices, run
+from fleetgate import decode, devices, run, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_parser(commands)
     devices.add_parser(commands)
     run.add_parsers(commands)
+    simulate.add_parser(commands)
     return parser
 
 
