@@ -114,15 +114,24 @@ async def packed_command(conn: redis.asyncio.Redis, packed: bytes) -> Any:
         await pool.release(connection)
 
 
+POOL_SIZE = 64
+POOL_WAIT_S = 5.0
+
+
 def client(url: str, socket_timeout: float | None) -> redis.asyncio.Redis:
     """A client that never retries on its own and hands stream replies back unparsed."""
-    conn = redis.asyncio.Redis.from_url(
+    # A blocking pool: when a thousand devices log in at once, callers wait for a connection
+    # instead of failing with MaxConnectionsError (the plain pool's behaviour at its cap).
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
         url,
+        max_connections=POOL_SIZE,
+        timeout=POOL_WAIT_S,
         protocol=2,
         socket_timeout=socket_timeout,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         retry=Retry(NoBackoff(), 0),
     )
+    conn = redis.asyncio.Redis.from_pool(pool)
     for command in ("XREAD", "XREADGROUP", "XREVRANGE", "XPENDING"):
         conn.set_response_callback(command, raw_reply)
     return conn

@@ -86,7 +86,9 @@ class RedisStateStore:
     """:class:`gateway.state.base.StateStore` on ``settings.redis_url``, keys under ``settings.prefix``."""
 
     def __init__(self, settings: StateSettings) -> None:
-        self._redis = aioredis.Redis.from_url(settings.redis_url)
+        # Blocking pool: a login storm waits for a connection rather than failing at the pool's cap.
+        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=5.0)
+        self._redis = aioredis.Redis.from_pool(pool)
         root = f"{settings.prefix}:state:"
         self._devices = root + "devices"
         self._device_company = root + "device-company"
