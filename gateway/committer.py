@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 
 from gateway import metrics
@@ -37,7 +37,7 @@ class GroupCommitter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._to_save: list[TrackedPosition] = []
+        self._to_save: dict[str, TrackedPosition] = {}  # asset id -> newest record not yet saved
         self._save_wake = asyncio.Event()
         self._saver: asyncio.Task[None] | None = None
 
@@ -103,13 +103,18 @@ class GroupCommitter:
         self._after_commit(records, flags)
 
     def _after_commit(self, records: list[TrackedPosition], flags: list[bool]) -> None:
-        for record, new in zip(records, flags, strict=True):
-            (metrics.RECORDS_COMMITTED if new else metrics.DUPLICATES_DROPPED).labels(source=record.source).inc()
+        counts = Counter((record.source, new) for record, new in zip(records, flags, strict=True))
+        for (source, new), n in counts.items():  # one metric update per kind, not per record
+            (metrics.RECORDS_COMMITTED if new else metrics.DUPLICATES_DROPPED).labels(source=source).inc(n)
         newest = max(r.received_at for r in records)
         metrics.BUS_LAG.set(max(0.0, time.time() - newest.timestamp()))
         # Duplicates too: a resend after a lost publish reply comes back flagged as a duplicate, and its
-        # last position may not have been saved yet. Saving twice is harmless (older never beats newer).
-        self._to_save.extend(records)
+        # last position may not have been saved yet. Only the newest record per asset is kept for saving.
+        pending = self._to_save
+        for record in records:
+            held = pending.get(record.asset_id)
+            if held is None or record.fix_time >= held.fix_time:
+                pending[record.asset_id] = record
         self._save_wake.set()
 
     async def _save_loop(self) -> None:
@@ -117,10 +122,10 @@ class GroupCommitter:
         while True:
             await self._save_wake.wait()
             self._save_wake.clear()
-            batch, self._to_save = self._to_save, []
+            batch, self._to_save = self._to_save, {}
             if batch:
                 try:
-                    await self.store.save_last_positions(batch)
+                    await self.store.save_last_positions(list(batch.values()))
                 except Exception:
                     log.exception("saving last positions failed (records are on the bus)")
             if self._closing and not self._to_save and (self._task is None or self._task.done()):
