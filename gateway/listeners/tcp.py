@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 from gateway import metrics
 from gateway.bus.base import BusError
@@ -29,6 +29,20 @@ from trackcodecs import AvlPacket, CodecError, Event, ImeiPacket, Keepalive, Log
 from trackcodecs.stream import StreamDecoder
 
 log = logging.getLogger(__name__)
+
+
+_children: dict[tuple[object, ...], Any] = {}
+
+
+def _labelled(metric: Any, protocol: str, kind: str | None = None) -> Any:
+    """A metric's labelled child, looked up once (``labels()`` costs a dict build and a lock per call)."""
+    key = (metric, protocol, kind)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = (
+            metric.labels(protocol=protocol) if kind is None else metric.labels(protocol=protocol, type=kind)
+        )
+    return child
 
 
 class DeviceServer:
@@ -186,7 +200,7 @@ class DeviceConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self._closed and self.transport is not None:
             self.transport.write(data)
-            metrics.ACK_LATENCY.labels(protocol=self.protocol_name).observe(time.perf_counter() - self._rx_clock)
+            _labelled(metrics.ACK_LATENCY, self.protocol_name).observe(time.perf_counter() - self._rx_clock)
 
     def close(self, reason: str) -> None:
         if self._closed:
@@ -197,7 +211,7 @@ class DeviceConnection(asyncio.Protocol):
             self.transport.close()
 
     def count_frame(self, event: Event) -> None:
-        metrics.FRAMES.labels(protocol=self.protocol_name, type=event.__struct_config__.tag).inc()
+        _labelled(metrics.FRAMES, self.protocol_name, event.__struct_config__.tag).inc()
 
     async def login(self, imei: str) -> Device | None:
         device = await self.server.ingest.device_for(imei, self.protocol_name)
