@@ -211,7 +211,7 @@ class DeviceConnection(asyncio.Protocol):
             self.transport.close()
 
     def count_frame(self, event: Event) -> None:
-        _labelled(metrics.FRAMES, self.protocol_name, event.__struct_config__.tag).inc()
+        _labelled(metrics.FRAMES, self.protocol_name, str(event.__struct_config__.tag)).inc()
 
     async def login(self, imei: str) -> Device | None:
         device = await self.server.ingest.device_for(imei, self.protocol_name)
