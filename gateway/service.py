@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 
@@ -22,6 +23,16 @@ from gateway.settings import GatewaySettings
 from gateway.state.base import StateStore
 
 log = logging.getLogger(__name__)
+
+
+def tune_gc() -> None:
+    """After start-up: keep the long-lived objects out of every collection and collect less often.
+
+    Under load, full collections of everything built at start-up took up to 75 ms, stalling every ACK.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 class Gateway:
@@ -53,6 +64,7 @@ class Gateway:
             mqtt = MqttIngest(self.settings.mqtt, self.ingest)
             await mqtt.start()
             self.mqtt = mqtt
+        tune_gc()
 
     def port(self, name: str) -> int:
         """The bound port of a listener (``gt06``, ``teltonika``, ``teltonika-udp``), for port-0 setups."""
