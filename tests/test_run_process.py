@@ -47,3 +47,25 @@ def test_run_ingests_reports_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert "metrics" in out and "/healthz" in out
     finally:
         gw.stop()
+
+
+def test_simulator_records_reach_the_bus_and_show_in_tail(tmp_path: Path) -> None:
+    """The README's walk-through: fleetgate run, fleetgate simulate --register, fleetgate tail."""
+    gw = GatewayProcess(tmp_path, "run").start()
+    try:
+        for protocol, imei_base in (("teltonika", "35000000000000"), ("gt06", "86000000000000")):
+            sim = subprocess.run(
+                [FLEETGATE, "simulate", "--protocol", protocol, "--devices", "3", "--records", "30", "--interval", "0",
+                 "--port", str(gw.ports[protocol]), "--imei-base", imei_base, "--register"],
+                env=gw.env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert sim.returncode == 0, sim.stdout + sim.stderr
+        tail = subprocess.run(
+            [FLEETGATE, "tail", "--from-start", "--count", "60"], env=gw.env, capture_output=True, text=True, timeout=30
+        )
+        records = [json.loads(line) for line in tail.stdout.splitlines()]
+        assert len(records) == 60
+        assert {r["source"] for r in records} == {"teltonika", "gt06"}
+        assert len({r["id"] for r in records}) == 60
+    finally:
+        gw.stop()
