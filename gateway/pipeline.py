@@ -52,6 +52,7 @@ class Pipeline:
     def __init__(self, settings: PipelineSettings) -> None:
         self.settings = settings
         self.assets: dict[str, AssetState] = {}
+        self._max_future = timedelta(seconds=settings.max_future_s)
 
     def records_for(self, device: Device, source: str, event: Event, received_at: datetime) -> list[TrackedPosition]:
         """The records a decoded device event yields (none for heartbeats, handshakes, replies)."""
@@ -93,32 +94,36 @@ class Pipeline:
         odometer = p.odometer if p.odometer is not None else self._integrate(state, p, fix_time, "no_fix" in flags)
         if device.speed_limit_kmh is not None and p.speed_kmh > device.speed_limit_kmh:
             events += (DeviceEvent(kind="overspeed", name="overspeed", code=0, value=int(p.speed_kmh)),)
+        # Positional on purpose (see TrackedPosition): id, kind, imei, asset_id, company_id, display_name,
+        # source, fix_time, received_at, lat, lng, speed_kmh, course, satellites, valid, moving, altitude,
+        # ignition, odometer_m, external_voltage, battery_voltage, gsm_signal, address, flags, events, io.
         return TrackedPosition(
-            id=record_id(device.imei, fix_time, kind),
-            kind=kind,
-            imei=device.imei,
-            asset_id=device.asset_id,
-            company_id=device.company_id,
-            display_name=device.display_name or device.asset_id,
-            source=source,
-            fix_time=fix_time,
-            received_at=received_at,
-            lat=p.lat,
-            lng=p.lng,
-            speed_kmh=p.speed_kmh,
-            course=p.course,
-            satellites=p.satellites,
-            valid=p.valid and not flags_invalidate(flags),
-            moving=moving,
-            altitude=p.altitude,
-            ignition=p.ignition,
-            odometer_m=None if odometer is None else int(odometer),
-            external_voltage=p.external_voltage,
-            battery_voltage=p.battery_voltage,
-            gsm_signal=p.gsm_signal,
-            flags=tuple(flags),
-            events=events,
-            io=p.io,
+            record_id(device.imei, fix_time, kind),
+            kind,
+            device.imei,
+            device.asset_id,
+            device.company_id,
+            device.display_name or device.asset_id,
+            source,
+            fix_time,
+            received_at,
+            p.lat,
+            p.lng,
+            p.speed_kmh,
+            p.course,
+            p.satellites,
+            p.valid and not (flags and flags_invalidate(flags)),
+            moving,
+            p.altitude,
+            p.ignition,
+            None if odometer is None else int(odometer),
+            p.external_voltage,
+            p.battery_voltage,
+            p.gsm_signal,
+            None,
+            tuple(flags),
+            events,
+            p.io,
         )
 
     def from_ingest(self, item: IngestPosition) -> TrackedPosition:
@@ -145,7 +150,7 @@ class Pipeline:
             flags.append("no_time")
         elif fix_time < _Y2K:
             flags.append("before_2000")
-        elif fix_time > received_at + timedelta(seconds=self.settings.max_future_s):
+        elif fix_time > received_at + self._max_future:
             flags.append("future_time")
         if not (-90.0 <= lat <= 90.0 and -180.0 <= lng <= 180.0):
             flags.append("out_of_range")
