@@ -13,7 +13,7 @@ from gateway import metrics
 from gateway.bus.memory import MemoryBus
 from gateway.records import fix_time_ms
 from gateway.settings import BusSettings
-from trackcodecs import gt06, teltonika
+from trackcodecs import gt06
 
 IMEI_PACKET = struct.pack(">H", 15) + IMEI.encode()
 # Teltonika wiki codec 8 example with 2 records (fixtures/teltonika/dev-tltcp-003)
@@ -240,10 +240,6 @@ async def test_acks_echo_only_what_was_stored_after_a_codec_error(tmp_path: Path
         assert await client.recv(4) == b"\x00\x00\x00\x02"
         assert await client.closed_within(2)
         assert await gw.bus.length() == 2
-
-
-async def test_command_encoders_match_what_the_listener_decodes() -> None:
-    assert teltonika.imei_reply(True) == b"\x01"
 
 
 async def test_group_commit_batches_many_connections_into_one_write(tmp_path: Path) -> None:

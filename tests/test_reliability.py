@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from procs import GatewayProcess
@@ -76,30 +78,33 @@ def check_exactly_once(sim: Simulation, keys: list[tuple[str, int]]) -> None:
     assert set(keys) == sim.acked_keys() == sim.sent_keys(), "lost or unexpected records"
 
 
-async def test_kill9_gateway_mid_burst(tmp_path: Path, redis_aof: Server) -> None:
-    """Promise 2: kill -9 the gateway mid-burst, restart at once: 0 lost, 0 duplicates."""
-    gw = await asyncio.to_thread(GatewayProcess(tmp_path, "gateway", **gateway_env(redis_aof)).start)
+@contextlib.asynccontextmanager
+async def burst_one_third_acked(tmp_path: Path, redis: Server) -> AsyncIterator[tuple[GatewayProcess, Simulation, Any]]:
+    """A gateway process and a running simulation, yielded once a third of the records are ACKed."""
+    gw = await asyncio.to_thread(GatewayProcess(tmp_path, "gateway", **gateway_env(redis)).start)
     try:
         sim = simulation(gw)
         run = asyncio.create_task(sim.run())
         await until(lambda: sim.stats.records_acked >= RECORDS // 3, 30)
+        yield gw, sim, run
+    finally:
+        gw.stop()
+
+
+async def test_kill9_gateway_mid_burst(tmp_path: Path, redis_aof: Server) -> None:
+    """Promise 2: kill -9 the gateway mid-burst, restart at once: 0 lost, 0 duplicates."""
+    async with burst_one_third_acked(tmp_path, redis_aof) as (gw, sim, run):
         gw.signal(signal.SIGKILL)
         gw.wait(5)
         await asyncio.to_thread(gw.restart)
         await asyncio.wait_for(run, 90)
         assert sim.stats.records_resent > 0 or sim.stats.reconnects > 0
         check_exactly_once(sim, await stream_keys(redis_aof))
-    finally:
-        gw.stop()
 
 
 async def test_kill9_redis_mid_burst(tmp_path: Path, redis_aof: Server) -> None:
     """Promise 3: kill -9 redis-server (AOF on) mid-burst and restart it: no acknowledged record is lost."""
-    gw = await asyncio.to_thread(GatewayProcess(tmp_path, "gateway", **gateway_env(redis_aof)).start)
-    try:
-        sim = simulation(gw)
-        run = asyncio.create_task(sim.run())
-        await until(lambda: sim.stats.records_acked >= RECORDS // 3, 30)
+    async with burst_one_third_acked(tmp_path, redis_aof) as (_, sim, run):
         redis_aof.kill()
         acked_while_down = sim.stats.records_acked
         await asyncio.sleep(1.0)
@@ -107,17 +112,11 @@ async def test_kill9_redis_mid_burst(tmp_path: Path, redis_aof: Server) -> None:
         await asyncio.to_thread(redis_aof.start)
         await asyncio.wait_for(run, 90)
         check_exactly_once(sim, await stream_keys(redis_aof))
-    finally:
-        gw.stop()
 
 
 async def test_sigterm_mid_burst(tmp_path: Path, redis_aof: Server) -> None:
     """Promise 5: SIGTERM mid-burst: in-flight commits finish and are ACKed, exit within 10 s, nothing lost."""
-    gw = await asyncio.to_thread(GatewayProcess(tmp_path, "gateway", **gateway_env(redis_aof)).start)
-    try:
-        sim = simulation(gw)
-        run = asyncio.create_task(sim.run())
-        await until(lambda: sim.stats.records_acked >= RECORDS // 3, 30)
+    async with burst_one_third_acked(tmp_path, redis_aof) as (gw, sim, run):
         started = time.monotonic()
         gw.signal(signal.SIGTERM)
         assert await asyncio.to_thread(gw.wait, 10) == 0
@@ -125,5 +124,3 @@ async def test_sigterm_mid_burst(tmp_path: Path, redis_aof: Server) -> None:
         await asyncio.to_thread(gw.restart)
         await asyncio.wait_for(run, 90)
         check_exactly_once(sim, await stream_keys(redis_aof))
-    finally:
-        gw.stop()
