@@ -18,14 +18,17 @@ from typing import Any
 import msgspec
 
 from gateway.settings import GatewaySettings
+from relay.settings import AuthSettings, RelaySettings
 
 ENV_PREFIX = "FLEETGATE_"
 
 
 class Config(GatewaySettings, kw_only=True, forbid_unknown_fields=True):
-    """Everything fleetgate reads from its configuration (the gateway's sections; the relay's join later)."""
+    """Everything fleetgate reads from its configuration: the gateway's sections, then ``[relay]`` and ``[auth]``."""
 
     log_level: str = "info"
+    relay: RelaySettings = msgspec.field(default_factory=RelaySettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
 
 
 class ConfigError(ValueError):
@@ -131,6 +134,35 @@ teltonika_topic = "fleetgate/devices/{imei}/teltonika"
 session_expiry_s = 86400
 
 [metrics]
-host = "127.0.0.1"        # /metrics and /healthz
+host = "127.0.0.1"        # /metrics and /healthz of the device side (the relay's REST port serves them too)
 port = 9102
+
+[relay]
+enabled = true                  # fleetgate run: start the relay in the same process
+host = "0.0.0.0"
+ws_port = 8080                  # WebSocket: native protocol at /ws
+rest_port = 8000                # REST: /healthz, /metrics, admin API, OpenAPI at /schema
+public_url = ""                 # how clients reach ws_port, e.g. "wss://fleet.example.com" (default ws://HOST:PORT)
+instance_id = ""                # default hostname:pid
+auth_timeout_s = 10.0           # no valid auth message by then: Unauthorized, close 4001
+ping_interval_s = 20.0          # WebSocket ping frames to quiet sockets
+ping_timeout_s = 20.0           # no answer to a ping by then: close
+max_message = 16384             # larger client messages close with 1009
+send_buffer_max = 1048576       # bytes queued toward one client; beyond it the client is closed (4008)
+driver_min_interval_s = 1.0     # at most one accepted driver location per interval (RateLimited)
+max_connections_per_company = 10000   # per relay instance; the admin API can override per company
+max_connections = 100000        # WebSocket connections on this instance
+
+[relay.company_limits]
+# acme = 500                    # connection cap for one company
+
+[auth]
+secret = ""                     # HS256 secret; empty: secret_file (created with a random secret if missing)
+secret_file = "fleetgate.secret"
+algorithms = ["HS256"]          # or ["RS256"] / ["ES256"] with public_key_file or jwks_file
+public_key_file = ""
+jwks_file = ""
+issuer = ""                     # checked when set
+audience = ""                   # checked when set
+leeway_s = 0.0
 """

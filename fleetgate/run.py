@@ -20,6 +20,8 @@ from gateway.bus.base import Bus
 from gateway.ops_http import TailSource, start_ops_server
 from gateway.service import Gateway
 from gateway.state import open_state
+from relay.control import Control, open_control
+from relay.service import Relay
 
 log = logging.getLogger("fleetgate")
 STOP_TIMEOUT_S = 8.0
@@ -32,6 +34,9 @@ def add_parsers(commands: Any) -> None:
     p = commands.add_parser("gateway", help="run a gateway for a distributed deployment (Redis required)")
     p.add_argument("--config", help="TOML file")
     p.set_defaults(handler=lambda a: _serve(a, distributed=True))
+    p = commands.add_parser("relay", help="run a relay for a distributed deployment (Redis required)")
+    p.add_argument("--config", help="TOML file")
+    p.set_defaults(handler=lambda a: _serve(a, distributed=True, part="relay"))
     p = commands.add_parser("tail", help="print records as they are committed to the bus (JSON lines)")
     p.add_argument("--config", help="TOML file")
     p.add_argument("--from-start", action="store_true", help="begin with the records still retained")
@@ -59,18 +64,20 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace, *, distributed: bool) -> int:
+def _serve(args: argparse.Namespace, *, distributed: bool, part: str = "gateway") -> int:
     config = _load(args)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if distributed and (config.bus.driver != "redis" or config.state.driver != "redis"):
         print(
-            'fleetgate gateway: a distributed gateway needs Redis: set [bus] driver = "redis" and '
+            f'fleetgate {part}: a distributed {part} needs Redis: set [bus] driver = "redis" and '
             '[state] driver = "redis" (or FLEETGATE_BUS__DRIVER=redis FLEETGATE_STATE__DRIVER=redis) '
             "and their redis_url",
             file=sys.stderr,
         )
         return 2
     _install_uvloop()
+    if part == "relay":
+        return asyncio.run(serve_relay(config))
     return asyncio.run(serve(config))
 
 
@@ -82,24 +89,34 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _control(config: Config) -> Control:
+    distributed = config.bus.driver == "redis"
+    return open_control(
+        "redis" if distributed else "memory", config.bus.redis_url, config.bus.prefix, config.relay.instance_id
+    )
+
+
 async def serve(config: Config) -> int:
     """Start everything, announce readiness, run until SIGTERM/SIGINT, then stop within the timeout."""
     bus = open_bus(config.bus)
     store = open_state(config.state)
     gateway = Gateway(config, bus, store)
     await gateway.start()
+    relay: Relay | None = None
+    if config.relay.enabled:
+        relay = Relay(config.relay, config.auth, bus, store, _control(config))
+        await relay.start()
     ops = await start_ops_server(config.metrics.host, config.metrics.port, gateway.health, tail=_tail_source(bus))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    _announce(config, gateway, ops)
+    stop = _stop_event()
+    _announce(config, gateway, ops, relay)
     sdnotify.ready()
     watchdog = asyncio.create_task(sdnotify.watchdog_loop())
     await stop.wait()
     sdnotify.stopping()
     log.info("stopping: finishing in-flight commits and ACKs")
     try:
+        if relay is not None:
+            await asyncio.wait_for(relay.stop(1.0), timeout=3.0)
         await asyncio.wait_for(gateway.stop(STOP_TIMEOUT_S), timeout=STOP_TIMEOUT_S + 1)
     except TimeoutError:
         log.warning("stop timed out; exiting anyway")
@@ -109,6 +126,37 @@ async def serve(config: Config) -> int:
         await bus.close()
         await store.close()
     return 0
+
+
+async def serve_relay(config: Config) -> int:
+    """``fleetgate relay``: the relay alone, on the Redis bus and state store."""
+    bus = open_bus(config.bus)
+    store = open_state(config.state)
+    relay = Relay(config.relay, config.auth, bus, store, _control(config))
+    await relay.start()
+    stop = _stop_event()
+    _announce_relay(config, relay, [f"fleetgate relay {relay.instance_id}, ready:"])
+    sdnotify.ready()
+    watchdog = asyncio.create_task(sdnotify.watchdog_loop())
+    await stop.wait()
+    sdnotify.stopping()
+    try:
+        await asyncio.wait_for(relay.stop(2.0), timeout=4.0)
+    except TimeoutError:
+        log.warning("stop timed out; exiting anyway")
+    watchdog.cancel()
+    with contextlib.suppress(Exception):
+        await bus.close()
+        await store.close()
+    return 0
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def _tail_source(bus: Bus) -> TailSource:
@@ -121,7 +169,7 @@ def _tail_source(bus: Bus) -> TailSource:
     return lines
 
 
-def _announce(config: Config, gateway: Gateway, ops: asyncio.Server) -> None:
+def _announce(config: Config, gateway: Gateway, ops: asyncio.Server, relay: Relay | None) -> None:
     host = config.listeners.host
     lines = [f"fleetgate {('embedded' if config.bus.driver == 'memory' else 'distributed')} mode, ready:"]
     for name in ("gt06", "teltonika", "teltonika-udp"):
@@ -133,7 +181,27 @@ def _announce(config: Config, gateway: Gateway, ops: asyncio.Server) -> None:
     ops_port = ops.sockets[0].getsockname()[1]
     lines.append(f"  metrics        http://{config.metrics.host}:{ops_port}/metrics  (health: /healthz)")
     lines.append(f"  bus            {config.bus.driver}   state: {config.state.driver}")
-    lines.append("  try: fleetgate simulate --protocol teltonika --devices 5   and   fleetgate tail")
+    if relay is None:
+        lines.append("  try: fleetgate simulate --protocol teltonika --devices 5   and   fleetgate tail")
+        print("\n".join(lines), flush=True)
+        return
+    _announce_relay(config, relay, lines)
+
+
+def _announce_relay(config: Config, relay: Relay, lines: list[str]) -> None:
+    host = config.relay.host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    ws_url = config.relay.public_url.rstrip("/") or f"ws://{shown}:{relay.ws_port}"
+    lines.append(f"  websocket      {ws_url}/ws   (native protocol, docs/protocol.md)")
+    if relay.rest is not None:
+        rest = f"http://{shown}:{relay.rest_port}"
+        lines.append(f"  rest           {rest}   (OpenAPI: {rest}/schema, metrics: {rest}/metrics)")
+    lines.append("  a token for an office dashboard (development secret):")
+    lines.append("    fleetgate token --role office --company simulated --user office-1 --ttl 8h")
+    lines.append(
+        "  then: fleetgate simulate --protocol teltonika --devices 5 --register, and subscribe with "
+        '{"action":"subscribe","all":true}'
+    )
     print("\n".join(lines), flush=True)
 
 

@@ -67,7 +67,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PROTOCOLS = ("gt06", "teltonika", "teltonika-udp", "mqtt")
 
 # Every label name any fleetgate metric may use; "le" and "quantile" come from histograms/summaries.
-LABEL_NAMES = frozenset({"protocol", "type", "reason", "source", "kind", "le", "quantile"})
+LABEL_NAMES = frozenset({"protocol", "role", "type", "reason", "source", "kind", "le", "quantile"})
 
 # Bus writes: a local append takes well under a millisecond, a Redis round trip
 # with AOF fsync a few, an outage the whole 5 s.

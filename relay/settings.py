@@ -1,0 +1,45 @@
+"""The relay's settings: every limit a named value with a safe default.
+
+Loaded by :mod:`fleetgate.config` as the ``[relay]`` and ``[auth]`` sections of
+the one configuration file (``FLEETGATE_RELAY__*`` / ``FLEETGATE_AUTH__*``
+environment overrides).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class RelaySettings(_Section):
+    enabled: bool = True  # fleetgate run: also start the relay in the same process
+    host: str = "0.0.0.0"  # WebSocket and REST listeners
+    ws_port: int = 8080  # native protocol at /ws (Pusher protocol at /app/{key})
+    rest_port: int = 8000  # REST API, /metrics, /healthz, OpenAPI at /schema
+    public_url: str = ""  # how clients reach the WebSocket port (printed and returned); default ws://HOST:PORT
+    instance_id: str = ""  # distinguishes relay instances on one Redis; default hostname:pid
+    auth_timeout_s: float = 10.0  # a socket that has not authenticated by then is closed (4001)
+    ping_interval_s: float = 20.0  # WebSocket ping frames this often
+    ping_timeout_s: float = 20.0  # no pong (or any data) within this after a ping: close (1011)
+    max_message: int = 16 * 1024  # larger client messages close the socket with 1009
+    send_buffer_max: int = 1024 * 1024  # bytes queued toward one client; beyond it the client is dropped (4008)
+    driver_min_interval_s: float = 1.0  # at most one accepted driver location per this interval
+    max_connections_per_company: int = 10_000  # per relay instance; admin API and company_limits override
+    company_limits: dict[str, int] = msgspec.field(default_factory=dict)  # company id -> connection cap
+    max_connections: int = 100_000  # WebSocket connections in total on this instance
+
+
+class AuthSettings(_Section):
+    """JWT access tokens: HS256 with ``secret``, or RS256/ES256 with ``public_key_file`` or ``jwks_file``."""
+
+    secret: str = ""  # HS256 secret; empty: read secret_file (created with a random secret when missing)
+    secret_file: str = "fleetgate.secret"  # used when secret is empty, so `fleetgate token` and `run` agree
+    algorithms: list[str] = msgspec.field(default_factory=lambda: ["HS256"])
+    public_key_file: str = ""  # PEM public key for RS256/ES256
+    jwks_file: str = ""  # JSON Web Key Set file; the token's "kid" selects the key
+    issuer: str = ""  # checked when set ("iss")
+    audience: str = ""  # checked when set ("aud")
+    leeway_s: float = 0.0  # clock skew allowed on exp/nbf

@@ -1,0 +1,157 @@
+"""Building blocks for relay tests: gateway + relay in one loop on port 0, tokens, a native-protocol client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from gatewaykit import running_gateway
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from gateway.bus.memory import MemoryBus
+from gateway.records import Device, TrackedPosition, record_id
+from gateway.service import Gateway
+from gateway.settings import BusSettings
+from relay.control import Control, open_control
+from relay.service import Relay
+from relay.settings import AuthSettings, RelaySettings
+from relay.tokens import mint_token
+
+SECRET = "relay-test-secret-of-at-least-32-bytes"
+
+
+def relay_settings(**overrides: Any) -> RelaySettings:
+    base: dict[str, Any] = {"host": "127.0.0.1", "ws_port": 0, "rest_port": 0, "auth_timeout_s": 5.0}
+    base.update(overrides)
+    return msgspec.convert(base, RelaySettings)
+
+
+AUTH = AuthSettings(secret=SECRET)
+
+
+def token(role: str, company: str, user: str, ttl_s: float = 3600.0, **extra: Any) -> str:
+    return mint_token(AUTH, role=role, company=company, user=user, ttl_s=ttl_s, **extra)
+
+
+@dataclass
+class System:
+    gateway: Gateway
+    relay: Relay
+    control: Control
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.relay.ws_port}/ws"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.relay.rest_port}"
+
+    @property
+    def bus(self) -> Any:
+        return self.gateway.bus
+
+    async def publish(self, records: Sequence[TrackedPosition]) -> None:
+        """Commit records as the gateway's committer does: bus write, then last positions."""
+        await self.gateway.bus.publish(records)
+        await self.gateway.store.save_last_positions(records)
+
+
+@contextlib.asynccontextmanager
+async def running_system(
+    tmp_path: Any, *, devices: Sequence[Device] = (), rest: bool = False, **relay: Any
+) -> AsyncIterator[System]:
+    """Gateway and relay in this loop on one memory bus and one SQLite store, as ``fleetgate run`` wires them."""
+    bus = MemoryBus(BusSettings())
+    async with running_gateway(tmp_path, devices=devices, bus=bus) as gateway:
+        control = open_control("memory", "", "fleetgate")
+        service = Relay(relay_settings(**relay), AUTH, bus, gateway.store, control, rest=rest)
+        await service.start()
+        await asyncio.wait_for(service.feed_ready.wait(), 2.0)
+        try:
+            yield System(gateway, service, control)
+        finally:
+            await service.stop(0.5)
+
+
+def position(
+    asset: str, company: str, *, lat: float = 52.0, lng: float = 13.0, t: float | None = None, imei: str = ""
+) -> TrackedPosition:
+    """A committed record as the pipeline would produce it (for publishing straight onto the bus)."""
+    fix = datetime.fromtimestamp(t if t is not None else time.time(), UTC)
+    imei = imei or f"imei-{asset}"
+    return TrackedPosition(
+        record_id(imei, fix, "position"), "position", imei, asset, company, asset.title(), "teltonika",
+        fix, datetime.now(UTC), lat, lng, 42.0, 90, 9, True, True,
+    )  # fmt: skip
+
+
+class Client:
+    """A native-protocol client on a real websockets connection."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs: Any) -> Client:
+        return cls(await connect(url, open_timeout=5, **kwargs))
+
+    async def send(self, message: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(message if isinstance(message, str | bytes) else json.dumps(message))
+
+    async def recv(self, timeout: float = 3.0) -> dict[str, Any]:
+        return dict(json.loads(await asyncio.wait_for(self.ws.recv(), timeout)))
+
+    async def recv_type(self, kind: str, timeout: float = 3.0) -> dict[str, Any]:
+        """The next message of type ``kind``, skipping others."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.recv(timeout)
+                if message.get("type") == kind:
+                    return message
+
+    async def auth(self, role: str, company: str, user: str, ttl_s: float = 3600.0, **extra: Any) -> dict[str, Any]:
+        await self.send({"action": "auth", "user_id": user, "role": role, "token": token(role, company, user, ttl_s, **extra)})
+        return await self.recv()
+
+    async def nothing_within(self, seconds: float) -> bool:
+        try:
+            message = await asyncio.wait_for(self.ws.recv(), seconds)
+        except TimeoutError:
+            return True
+        raise AssertionError(f"unexpected message: {message!r}")
+
+    async def closed_with(self, timeout: float = 3.0) -> int | None:
+        """Read until the server closes; the close code it sent."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self.ws.recv()
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd is not None else None
+        raise AssertionError("not closed")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def office(url: str, company: str, user: str = "office-1", **extra: Any) -> Client:
+    client = await Client.connect(url)
+    reply = await client.auth("office", company, user, **extra)
+    assert reply["type"] == "authenticated", reply
+    return client
+
+
+async def driver(url: str, company: str, user: str, **extra: Any) -> Client:
+    client = await Client.connect(url)
+    reply = await client.auth("driver", company, user, **extra)
+    assert reply["type"] == "authenticated", reply
+    return client
