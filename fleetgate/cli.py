@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fleetgate import decode, devices, run, simulate
+from fleetgate import decode, devices, run, simulate, token
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_parser(commands)
     run.add_parsers(commands)
     simulate.add_parser(commands)
+    token.add_parser(commands)
     return parser
 
 

@@ -114,7 +114,7 @@ class WsConnection(asyncio.Protocol):
             for event in self.protocol.events_received():
                 if isinstance(event, Request):
                     self._handshake(event)
-                else:
+                elif isinstance(event, Frame):
                     self._frame(event)
         except Exception:
             log.exception("unexpected error in %s session; closing with 1011", self.app_name)
@@ -179,14 +179,15 @@ class WsConnection(asyncio.Protocol):
         if session is None:
             return
         opcode = frame.opcode
+        data = bytes(frame.data)  # the parser gives bytes; the type admits any buffer
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if frame.fin:
-                (session.on_text if opcode is Opcode.TEXT else session.on_binary)(frame.data)
+                (session.on_text if opcode is Opcode.TEXT else session.on_binary)(data)
             else:  # first fragment; websockets enforces max_size over the whole message
-                self._fragments = [frame.data]
+                self._fragments = [data]
                 self._fragment_binary = opcode is Opcode.BINARY
         elif opcode is Opcode.CONT and self._fragments is not None:
-            self._fragments.append(frame.data)
+            self._fragments.append(data)
             if frame.fin:
                 data = b"".join(self._fragments)
                 self._fragments = None
