@@ -38,7 +38,15 @@ async def test_auth_answers_authenticated(tmp_path: Any) -> None:
         ({"action": "auth", "user_id": "u1", "role": "office", "token": "not-a-jwt"}, 4001),
         ({"action": "auth", "user_id": "u2", "role": "office", "token": token("office", "acme", "u1")}, 4001),
         ({"action": "auth", "user_id": "u1", "role": "driver", "token": token("office", "acme", "u1")}, 4001),
-        ({"action": "auth", "user_id": "u1", "role": "office", "token": token("office", "acme", "u1", 10, now=time.time() - 100)}, 4002),
+        (
+            {
+                "action": "auth",
+                "user_id": "u1",
+                "role": "office",
+                "token": token("office", "acme", "u1", 10, now=time.time() - 100),
+            },
+            4002,
+        ),
         ({"action": "subscribe", "all": True}, 4001),
     ],
     ids=["bad-token", "user-mismatch", "role-mismatch", "expired", "action-before-auth"],
@@ -55,7 +63,9 @@ async def test_unauthorized_closes(tmp_path: Any, message: dict[str, Any], code:
 async def test_token_signed_with_another_secret_is_refused(tmp_path: Any) -> None:
     from relay.settings import AuthSettings
 
-    forged = mint_token(AuthSettings(secret="another-secret-of-at-least-32-bytes!"), role="office", company="acme", user="u1", ttl_s=60)
+    forged = mint_token(
+        AuthSettings(secret="another-secret-of-at-least-32-bytes!"), role="office", company="acme", user="u1", ttl_s=60
+    )
     async with running_system(tmp_path) as system:
         client = await Client.connect(system.ws_url)
         await client.send({"action": "auth", "user_id": "u1", "role": "office", "token": forged})
@@ -149,7 +159,12 @@ async def test_driver_timestamp_is_kept(tmp_path: Any) -> None:
 
 @pytest.mark.parametrize(
     "fields",
-    [{"lat": 91.0, "lng": 0.0}, {"lat": 0.0, "lng": -181.0}, {"lat": 0.0, "lng": 0.0, "speed": -1}, {"lat": "x", "lng": 0}],
+    [
+        {"lat": 91.0, "lng": 0.0},
+        {"lat": 0.0, "lng": -181.0},
+        {"lat": 0.0, "lng": 0.0, "speed": -1},
+        {"lat": "x", "lng": 0},
+    ],
 )
 async def test_driver_location_out_of_range_is_bad_payload(tmp_path: Any, fields: dict[str, Any]) -> None:
     async with running_system(tmp_path) as system:
@@ -401,3 +416,12 @@ async def test_server_close_code_on_shutdown(tmp_path: Any) -> None:
             await stop
         with pytest.raises((OSError, ConnectionClosed)):
             await connect(url, open_timeout=1)
+
+
+async def test_fragmented_message_is_reassembled(tmp_path: Any) -> None:
+    async with running_system(tmp_path) as system:
+        client = await office(system.ws_url, "acme")
+        await client.ws.send(iter(['{"action":', ' "ping"}']))  # two frames: text + continuation
+        assert await client.recv() == {"type": "pong"}
+        await client.ws.send(iter(['{"action": "ping", "pad": "', "x" * 9000, "y" * 9000, '"}']))
+        assert await client.closed_with() == 1009  # the limit holds over the whole message
