@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from gateway.settings import GatewaySettings
-from relay.settings import AuthSettings, RelaySettings
+from relay.settings import AuthSettings, PusherSettings, RelaySettings
 
 ENV_PREFIX = "FLEETGATE_"
 
@@ -29,6 +29,7 @@ class Config(GatewaySettings, kw_only=True, forbid_unknown_fields=True):
     log_level: str = "info"
     relay: RelaySettings = msgspec.field(default_factory=RelaySettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    pusher: PusherSettings = msgspec.field(default_factory=PusherSettings)
 
 
 class ConfigError(ValueError):
@@ -165,4 +166,20 @@ jwks_file = ""
 issuer = ""                     # checked when set
 audience = ""                   # checked when set
 leeway_s = 0.0
+
+[pusher]
+enabled = true                  # Pusher protocol at ws://HOST:ws_port/app/{key}, auth at POST /broadcasting/auth
+activity_timeout_s = 30         # told to clients; silence beyond it: ping, then close 4201
+pong_timeout_s = 30.0
+max_message = 10240             # client messages and event data (bytes)
+batch_window_ms = 100           # location records for one channel within this window: one array event
+
+[[pusher.apps]]
+id = "1"                        # numeric (the official Python server library requires it)
+key = "fleetgate"               # clients connect to /app/fleetgate
+secret = ""                     # empty: derived from the [auth] secret
+name = "fleetgate"
+max_connections = 100000
+enable_client_messages = false  # client-* events on private/presence channels (10 per second)
+max_client_events_per_s = 10
 """

@@ -39,7 +39,7 @@ from relay.frames import text_frame
 from relay.hub import Hub
 from relay.settings import RelaySettings
 from relay.tokens import Claims, TokenError, TokenVerifier
-from relay.wsserver import WsConnection
+from relay.wsserver import CODE_PING_TIMEOUT, WsConnection
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class NativeApp:
     """The ``/ws`` application: sessions, per-company connection counts, revocation and record fan-out."""
 
     name = "native"
+    ping_timeout_code = CODE_PING_TIMEOUT
 
     def __init__(
         self,
@@ -162,6 +163,7 @@ class NativeApp:
         self.store = store
         self.control = control
         self.verifier = verifier
+        self.max_message = settings.max_message
         self.company_connections: collections.Counter[str] = collections.Counter()
         self.by_jti: dict[str, set[NativeSession]] = {}
         hub.handlers.append(self.on_record)

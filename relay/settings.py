@@ -43,3 +43,24 @@ class AuthSettings(_Section):
     issuer: str = ""  # checked when set ("iss")
     audience: str = ""  # checked when set ("aud")
     leeway_s: float = 0.0  # clock skew allowed on exp/nbf
+
+
+class PusherAppSettings(_Section):
+    """One Pusher app: clients connect to ``/app/{key}``; the HTTP API signs with ``secret``."""
+
+    id: str = "1"  # numeric: the official Python server library requires it
+    key: str = "fleetgate"
+    secret: str = ""  # empty: derived from the [auth] secret (stable across restarts, never printed)
+    name: str = "fleetgate"
+    max_connections: int = 100_000  # on this relay instance; beyond: pusher:error 4004 and close
+    enable_client_messages: bool = False  # client-* events on private/presence channels
+    max_client_events_per_s: int = 10  # beyond: pusher:error 4301
+
+
+class PusherSettings(_Section):
+    enabled: bool = True
+    apps: list[PusherAppSettings] = msgspec.field(default_factory=lambda: [PusherAppSettings()])
+    activity_timeout_s: int = 30  # sent in pusher:connection_established; silence beyond it: ping, then 4201
+    pong_timeout_s: float = 30.0
+    max_message: int = 10 * 1024  # client messages and event data (bytes)
+    batch_window_ms: int = 100  # location records for one channel within this window go out as one array event

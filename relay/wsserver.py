@@ -66,6 +66,8 @@ class App(Protocol):
     """A WebSocket application mounted on a path (see :class:`WsServer`)."""
 
     name: str  # metric label: "native" | "pusher"
+    max_message: int  # larger client messages close with 1009
+    ping_timeout_code: int  # close code when a ping goes unanswered
 
     def match(self, path: str) -> bool: ...
 
@@ -91,6 +93,7 @@ class WsConnection(asyncio.Protocol):
         self.last_rx = 0.0
         self.ping_sent_at = 0.0  # 0: no ping outstanding
         self.close_reason = "client"
+        self.ping_timeout_code = CODE_PING_TIMEOUT
         self._fragments: list[bytes] | None = None
         self._fragment_binary = False
         self._timers: list[asyncio.TimerHandle] = []
@@ -164,6 +167,8 @@ class WsConnection(asyncio.Protocol):
             self.protocol.send_response(opened)
             return
         self.protocol.send_response(response)
+        self.protocol.max_message_size = app.max_message
+        self.ping_timeout_code = app.ping_timeout_code
         self.app_name = app.name
         self.session = opened
         self.open = True
@@ -348,7 +353,7 @@ class WsServer:
                     continue
                 if conn.ping_sent_at:
                     if now - conn.ping_sent_at >= timeout:
-                        conn.close(CODE_PING_TIMEOUT, "ping timeout", reason="ping_timeout")
+                        conn.close(conn.ping_timeout_code, "ping timeout", reason="ping_timeout")
                 elif now - conn.last_rx >= interval:
                     conn.ping_sent_at = now
                     conn.protocol.send_ping(ping)
