@@ -137,6 +137,15 @@ async def test_tail_dollar_sees_only_new_records(bus: Bus) -> None:
     assert [record for _, record in await tail] == new
 
 
+async def test_tail_outlives_a_quiet_period(bus: Bus) -> None:
+    tail = asyncio.create_task(take(bus.tail(), 1))
+    await asyncio.sleep(1.3)  # longer than one blocking read of the Redis driver (TAIL_BLOCK_MS)
+    assert not tail.done()
+    record = position(7)
+    await bus.publish([record])
+    assert [r for _, r in await asyncio.wait_for(tail, 3.0)] == [record]
+
+
 async def test_tail_after_an_entry_id_resumes_after_it(bus: Bus) -> None:
     records = [position(n) for n in range(6)]
     await bus.publish(records)

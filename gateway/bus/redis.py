@@ -216,8 +216,10 @@ class RedisBus:
             reply = await self._blocking_call(
                 TAIL_BLOCK_MS, "XREAD", "COUNT", TAIL_COUNT, "BLOCK", TAIL_BLOCK_MS, "STREAMS", self._positions, last
             )
-            if reply is None:
-                return
+            if reply is None:  # BLOCK timed out with nothing new, or the bus was closed meanwhile
+                if self._closed:
+                    return
+                continue
             for entry, payload in stream_entries(reply):
                 last = entry
                 if payload is not None:
