@@ -150,6 +150,7 @@ ping_interval_s = 20.0          # WebSocket ping frames to quiet sockets
 ping_timeout_s = 20.0           # no answer to a ping by then: close
 max_message = 16384             # larger client messages close with 1009
 send_buffer_max = 1048576       # bytes queued toward one client; beyond it the client is closed (4008)
+flush_interval_ms = 5.0         # fan-out frames for one socket within this window: one write (0: end of loop turn)
 driver_min_interval_s = 1.0     # at most one accepted driver location per interval (RateLimited)
 max_connections_per_company = 10000   # per relay instance; the admin API can override per company
 max_connections = 100000        # WebSocket connections on this instance

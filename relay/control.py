@@ -41,8 +41,8 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any, Protocol
 
 import msgspec
@@ -224,9 +224,14 @@ class _CachedControl:
                 del self._revoked[jti]
 
     def _replace(self, revoked: dict[str, float], limits: dict[str, int]) -> None:
+        known = self._revoked
         self._revoked, self._expiries, self._limits = {}, [], dict(limits)
         for jti, exp in revoked.items():
             self._add_revocation(jti, exp)
+        # Revocations missed while disconnected: tell the listeners now, so open sockets using them close.
+        for jti, exp in revoked.items():
+            if jti not in known:
+                self._deliver(ControlMessage(kind="revoke", data={"jti": jti, "exp": exp}))
 
     def _deliver(self, message: ControlMessage) -> None:
         for listener in list(self._listeners):
@@ -275,11 +280,18 @@ def decode_envelope(payload: bytes) -> _Envelope:
     return (_decode_json if payload[:1] == b"{" else _decode_msgpack)(payload)
 
 
-@contextmanager
-def control_errors(operation: str) -> Iterator[None]:
-    """Map every way a Redis call can fail to :class:`ControlError` (the one place this happens)."""
+@asynccontextmanager
+async def control_errors(operation: str) -> AsyncIterator[None]:
+    """Bound Redis calls by :data:`COMMAND_TIMEOUT_S` and map every way they fail to :class:`ControlError`.
+
+    The bound is ``asyncio.timeout`` here rather than redis-py's
+    ``socket_timeout``: with one set, redis-py sends through
+    ``asyncio.wait_for``, which on Python 3.11 can swallow a cancellation
+    (``close`` cancelling the subscriber mid-reload would then hang).
+    """
     try:
-        yield
+        async with asyncio.timeout(COMMAND_TIMEOUT_S):
+            yield
     except (RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError too
         raise ControlError(f"{operation}: {type(exc).__name__}: {exc}") from exc
 
@@ -311,10 +323,11 @@ class RedisControl(_CachedControl):
         self._origin = f"{instance}:{secrets.token_hex(4)}"
         options: dict[str, Any] = {
             "protocol": 2,
+            "socket_timeout": None,  # not redis-py's default of 5 s: see control_errors
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
             "retry": Retry(NoBackoff(), 0),  # failures are handled here: raised, or the subscriber reconnects
         }
-        self._redis = redis.asyncio.Redis.from_url(url, socket_timeout=COMMAND_TIMEOUT_S, **options)
+        self._redis = redis.asyncio.Redis.from_url(url, **options)
         for command in ("HGETALL", "ZRANGEBYSCORE"):
             self._redis.set_response_callback(command, raw_reply)
         # A factory only: the subscriber owns one connection, outside any pool, for its whole life.
@@ -324,7 +337,8 @@ class RedisControl(_CachedControl):
         self._reader: asyncio.Task[None] | None = None
         self._live = False  # subscribed and loaded: a sender may wait for its echo
         self._nonce = 0
-        self._echoes: dict[int, asyncio.Future[bool]] = {}
+        self._echoes: dict[int, asyncio.Future[bool]] = {}  # nonce -> resolved when its echo was applied
+        self._delivered_here: set[int] = set()  # nonces the sender applied itself, echo not yet seen
 
     async def start(self) -> None:
         """Subscribe, load the durable state, then keep receiving in a task; :class:`ControlError` if Redis fails."""
@@ -349,22 +363,27 @@ class RedisControl(_CachedControl):
         nonce = self._nonce
         envelope = _Envelope(kind=message.kind, data=message.data, origin=self._origin, nonce=nonce)
         echo = self._echoes[nonce] = asyncio.get_running_loop().create_future()
+        written = False
         try:
-            with control_errors(message.kind):
+            async with control_errors(message.kind):
                 pipe = self._redis.pipeline(transaction=True)
                 for args in self._writes(message):
                     pipe.execute_command(*args)
                 pipe.execute_command("PUBLISH", self._channel, _encode(envelope))
                 await pipe.execute()
-            applied = False
+            written = True
             if self._live:
                 with suppress(TimeoutError):
-                    applied = await asyncio.wait_for(echo, ECHO_WAIT_S)
+                    async with asyncio.timeout(ECHO_WAIT_S):
+                        await asyncio.shield(echo)
         finally:
             del self._echoes[nonce]
-        if not applied:
-            self._apply(message)
-            asyncio.get_running_loop().call_soon(self._deliver, message)
+            # Not heard back (subscriber down or slow, or our caller gave up
+            # waiting): deliver it here, so a late echo is only applied.
+            if written and not (echo.done() and echo.result()):
+                self._delivered_here.add(nonce)
+                self._apply(message)
+                asyncio.get_running_loop().call_soon(self._deliver, message)
 
     def _writes(self, message: ControlMessage) -> list[tuple[Any, ...]]:
         """The commands that make ``message`` durable, run in one MULTI before its PUBLISH."""
@@ -410,12 +429,14 @@ class RedisControl(_CachedControl):
         """A subscribed connection, with the durable state loaded AFTER subscribing so nothing falls in between."""
         connection: AbstractConnection = self._subscriber_pool.make_connection()  # type: ignore[no-untyped-call]
         try:
-            with control_errors("subscribe"):
+            async with control_errors("subscribe"):
                 await connection.connect()  # type: ignore[no-untyped-call]
                 await connection.send_command("SUBSCRIBE", self._channel)
-                reply = await connection.read_response(timeout=COMMAND_TIMEOUT_S)
+                reply = await connection.read_response()
                 if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
                     raise RedisError(f"unexpected SUBSCRIBE reply: {reply!r}")
+            # Echoes of messages sent before this subscription will never come.
+            self._delivered_here.clear()
             await self._load()
         except BaseException:
             await connection.disconnect(nowait=True)
@@ -425,7 +446,7 @@ class RedisControl(_CachedControl):
 
     async def _load(self) -> None:
         """Replace the caches with what Redis holds (pruning expired revocations first)."""
-        with control_errors("load"):
+        async with control_errors("load"):
             pipe = self._redis.pipeline(transaction=True)
             pipe.execute_command("ZREMRANGEBYSCORE", self._revoked_key, "-inf", time.time())
             pipe.execute_command("ZRANGEBYSCORE", self._revoked_key, "-inf", "+inf", "WITHSCORES")
@@ -462,12 +483,14 @@ class RedisControl(_CachedControl):
             log.warning("control: dropping undecodable message: %s", exc)
             return
         message = ControlMessage(kind=envelope.kind, data=envelope.data)
-        echo = self._echoes.get(envelope.nonce) if envelope.origin == self._origin else None
+        mine = envelope.origin == self._origin
         if not self._apply(message):
             return
-        # Our own message whose sender stopped waiting was already delivered locally.
-        if envelope.origin != self._origin or (echo is not None and not echo.done()):
-            self._deliver(message)
+        if mine and envelope.nonce in self._delivered_here:
+            self._delivered_here.discard(envelope.nonce)
+            return
+        self._deliver(message)
+        echo = self._echoes.get(envelope.nonce) if mine else None
         if echo is not None and not echo.done():
             echo.set_result(True)
 

@@ -40,8 +40,8 @@ MESSAGES_OUT = Counter(
 )
 AUTH_FAILURES = Counter(
     "fleetgate_auth_failures_total",
-    "Failed authentications (reason: malformed, expired, invalid_signature, invalid_claims, revoked, "
-    "user_mismatch, role_mismatch, timeout).",
+    "Failed or ended authentications (reason: malformed, expired, invalid_signature, invalid_claims, unknown_key, "
+    "missing, revoked, user_mismatch, role_mismatch, timeout, not_authenticated, token_expired).",
     ["reason"],
     registry=REGISTRY,
 )
@@ -59,7 +59,8 @@ SLOW_CONSUMERS = Counter(
 )
 FANOUT_LATENCY = Histogram(
     "fleetgate_fanout_latency_seconds",
-    "Time from a record's commit (received_at) to its frames being written to every subscriber.",
+    "Time from a record's arrival at the gateway (received_at) to its frames being queued for every subscriber "
+    "(written at the next flush, at most flush_interval_ms later).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
     registry=REGISTRY,
 )

@@ -165,6 +165,7 @@ class NativeApp:
         self.verifier = verifier
         self.max_message = settings.max_message
         self.company_connections: collections.Counter[str] = collections.Counter()
+        self.last_location: dict[str, float] = {}  # "company/driver" -> loop time of the last accepted location
         self.by_jti: dict[str, set[NativeSession]] = {}
         hub.handlers.append(self.on_record)
         control.add_listener(self.on_control)
@@ -203,7 +204,7 @@ class NativeApp:
     def on_control(self, message: ControlMessage) -> None:
         if message.kind == "revoke":
             for session in list(self.by_jti.get(str(message.data.get("jti")), ())):
-                session.unauthorized("token revoked", CODE_UNAUTHORIZED, "revoked")
+                session.unauthorized("token revoked", CODE_UNAUTHORIZED, "revoked", close_reason="revoked")
 
 
 class NativeSession:
@@ -214,7 +215,6 @@ class NativeSession:
         self.conn = conn
         self.claims: Claims | None = None
         self.channels: set[str] = set()
-        self.last_location = float("-inf")
         self._waiting: collections.deque[bytes] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
         self._paused = False
@@ -239,6 +239,11 @@ class NativeSession:
         self.channels.clear()
         self._waiting.clear()
         claims, self.claims = self.claims, None
+        if claims is not None and claims.role == "driver":
+            key = f"{claims.company}/{claims.sub}"
+            last = self.app.last_location.get(key)
+            if last is not None and asyncio.get_running_loop().time() - last >= self.app.settings.driver_min_interval_s:
+                del self.app.last_location[key]
         if claims is not None:
             self.app.company_connections[claims.company] -= 1
             if self.app.company_connections[claims.company] <= 0:
@@ -304,7 +309,7 @@ class NativeSession:
             self.error("InvalidAction", "already authenticated")
             return
         if message.role not in ROLES:
-            self.error("BadPayload", "role must be 'driver' or 'office'")
+            self.unauthorized("role must be 'driver' or 'office'", CODE_UNAUTHORIZED, "role_mismatch")
             return
         try:
             claims = self.app.verifier.verify(message.token)
@@ -351,10 +356,13 @@ class NativeSession:
             raise ClientError("BadPayload", "speed must be within [0, 1500] km/h and bearing within [0, 360]")
         now = datetime.now(UTC)
         fix_time = _parse_time(message.timestamp) if message.timestamp is not None else now
+        # Per driver, not per socket: a second connection of the same driver shares the budget.
+        driver_key = f"{claims.company}/{claims.sub}"
+        last_accepted = self.app.last_location
         loop_now = asyncio.get_running_loop().time()
-        if loop_now - self.last_location < self.app.settings.driver_min_interval_s:
+        if loop_now - last_accepted.get(driver_key, float("-inf")) < self.app.settings.driver_min_interval_s:
             raise ClientError("RateLimited", "at most one location per second")
-        self.last_location = loop_now
+        last_accepted[driver_key] = loop_now
         item = IngestPosition(
             source="driver", asset_id=claims.sub, company_id=claims.company, fix_time=fix_time, received_at=now,
             lat=message.lat, lng=message.lng, speed_kmh=message.speed, course=round(message.bearing) % 361,
@@ -363,7 +371,7 @@ class NativeSession:
         try:
             await self.app.bus.publish_ingest([item])
         except BusError:
-            self.last_location = float("-inf")  # not stored: the driver may resend at once
+            last_accepted.pop(driver_key, None)  # not stored: the driver may resend at once
             raise ClientError("Unavailable", "location not stored, send it again") from None
         self._send({"type": "accepted", "timestamp": fix_time})
 
@@ -452,14 +460,15 @@ class NativeSession:
         metrics.CLIENT_ERRORS.labels(protocol="native", type=error).inc()
         self._send({"type": "error", "error": error, "message": message})
 
-    def unauthorized(self, message: str, code: int, reason: str) -> None:
+    def unauthorized(self, message: str, code: int, reason: str, *, close_reason: str = "") -> None:
         """Send ``Unauthorized`` and close (4001, or 4002 for an expired token)."""
         if not self.conn.open:
             return
         metrics.AUTH_FAILURES.labels(reason=reason).inc()
         metrics.CLIENT_ERRORS.labels(protocol="native", type="Unauthorized").inc()
         self._send({"type": "error", "error": "Unauthorized", "message": message})
-        self.conn.close(code, "Unauthorized", reason="token_expired" if code == CODE_TOKEN_EXPIRED else "unauthorized")
+        close_reason = close_reason or ("token_expired" if code == CODE_TOKEN_EXPIRED else "unauthorized")
+        self.conn.close(code, "Unauthorized", reason=close_reason)
 
     def _auth_timeout(self) -> None:
         if self.claims is None:

@@ -22,10 +22,11 @@ class RelaySettings(_Section):
     public_url: str = ""  # how clients reach the WebSocket port (printed and returned); default ws://HOST:PORT
     instance_id: str = ""  # distinguishes relay instances on one Redis; default hostname:pid
     auth_timeout_s: float = 10.0  # a socket that has not authenticated by then is closed (4001)
-    ping_interval_s: float = 20.0  # WebSocket ping frames this often
-    ping_timeout_s: float = 20.0  # no pong (or any data) within this after a ping: close (1011)
+    ping_interval_s: float = 20.0  # a WebSocket ping frame to a socket quiet for this long
+    ping_timeout_s: float = 20.0  # no pong (or any data) within this after a ping: close (4010; Pusher 4201)
     max_message: int = 16 * 1024  # larger client messages close the socket with 1009
     send_buffer_max: int = 1024 * 1024  # bytes queued toward one client; beyond it the client is dropped (4008)
+    flush_interval_ms: float = 5.0  # fan-out frames for one socket within this window go out in one write
     driver_min_interval_s: float = 1.0  # at most one accepted driver location per this interval
     max_connections_per_company: int = 10_000  # per relay instance; admin API and company_limits override
     company_limits: dict[str, int] = msgspec.field(default_factory=dict)  # company id -> connection cap
