@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+JS := tests/js
+JS_STAMP := $(JS)/node_modules/.installed
 
-.PHONY: run demo test lint typecheck bench system-deps clean
+.PHONY: run demo test lint typecheck bench system-deps js-deps clean
 
 $(STAMP): pyproject.toml
 	@PYTHON=$(PYTHON) bash scripts/system-deps.sh build
@@ -22,11 +24,18 @@ demo: $(STAMP)
 	$(BIN)/fleetgate decode --demo
 
 ## test: install what the tests need, then lint, type-check and run the test suite
-test: system-deps $(STAMP) lint typecheck
+test: system-deps $(STAMP) js-deps lint typecheck
 	$(BIN)/pytest -q
 
 system-deps:
 	@PYTHON=$(PYTHON) bash scripts/system-deps.sh test
+
+## js-deps: the Node Pusher clients of the interop tests, exactly as tests/js/package-lock.json pins them
+js-deps: $(JS_STAMP)
+
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json | system-deps
+	cd $(JS) && npm ci --no-audit --no-fund
+	touch $(JS_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -41,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis $(JS)/node_modules

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,7 +22,9 @@ from gateway.bus.base import Bus
 from gateway.ops_http import TailSource, start_ops_server
 from gateway.service import Gateway
 from gateway.state import open_state
+from gateway.state.base import StateStore
 from relay.control import Control, open_control
+from relay.pusher_state import open_pusher_state
 from relay.service import Relay
 
 log = logging.getLogger("fleetgate")
@@ -78,7 +82,7 @@ def _serve(args: argparse.Namespace, *, distributed: bool, part: str = "gateway"
     _install_uvloop()
     if part == "relay":
         return asyncio.run(serve_relay(config))
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, with_relay=not distributed))
 
 
 def _install_uvloop() -> None:
@@ -96,15 +100,26 @@ def _control(config: Config) -> Control:
     )
 
 
-async def serve(config: Config) -> int:
-    """Start everything, announce readiness, run until SIGTERM/SIGINT, then stop within the timeout."""
+def _relay(config: Config, bus: Bus, store: StateStore) -> Relay:
+    """The relay, with the Pusher protocol's presence store on Redis when the bus is (like the control plane)."""
+    driver = "redis" if config.bus.driver == "redis" else "memory"
+    instance = config.relay.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+    state = open_pusher_state(driver, config.bus.redis_url, config.bus.prefix, instance)
+    return Relay(config.relay, config.auth, bus, store, _control(config), pusher=config.pusher, pusher_state=state)
+
+
+async def serve(config: Config, *, with_relay: bool = True) -> int:
+    """Start everything, announce readiness, run until SIGTERM/SIGINT, then stop within the timeout.
+
+    ``fleetgate gateway`` starts no relay: in distributed mode relays run as ``fleetgate relay``.
+    """
     bus = open_bus(config.bus)
     store = open_state(config.state)
     gateway = Gateway(config, bus, store)
     await gateway.start()
     relay: Relay | None = None
-    if config.relay.enabled:
-        relay = Relay(config.relay, config.auth, bus, store, _control(config))
+    if with_relay and config.relay.enabled:
+        relay = _relay(config, bus, store)
         await relay.start()
     ops = await start_ops_server(config.metrics.host, config.metrics.port, gateway.health, tail=_tail_source(bus))
     stop = _stop_event()
@@ -132,7 +147,7 @@ async def serve_relay(config: Config) -> int:
     """``fleetgate relay``: the relay alone, on the Redis bus and state store."""
     bus = open_bus(config.bus)
     store = open_state(config.state)
-    relay = Relay(config.relay, config.auth, bus, store, _control(config))
+    relay = _relay(config, bus, store)
     await relay.start()
     stop = _stop_event()
     _announce_relay(config, relay, [f"fleetgate relay {relay.instance_id}, ready:"])

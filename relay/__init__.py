@@ -13,7 +13,11 @@ Modules:
 * :mod:`relay.hub`: channels and fan-out; each record encoded once per channel.
 * :mod:`relay.wsserver`: the asyncio protocol driving websockets' sans-I/O core, one per socket.
 * :mod:`relay.native`: the native JSON protocol (drivers and offices).
-* :mod:`relay.feed`: bus tail to hub.
+* :mod:`relay.pusher`, :mod:`relay.pusher_channels`, :mod:`relay.pusher_state`: the Pusher protocol 7 at
+  ``/app/{key}`` (channels, presence across instances, client events, location batching).
+* :mod:`relay.pusher_auth`, :mod:`relay.pusher_http`: Pusher signatures, ``/broadcasting/auth`` and the
+  Pusher HTTP API.
+* :mod:`relay.links`: public tracking links.
 * :mod:`relay.rest`: the REST service (Litestar on uvicorn): health, metrics, admin API.
-* :mod:`relay.service`: the relay as one object, started by ``fleetgate run`` / ``fleetgate relay``.
+* :mod:`relay.service`: the relay as one object (and its bus feed), started by ``fleetgate run`` / ``fleetgate relay``.
 """

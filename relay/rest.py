@@ -21,6 +21,8 @@ Endpoints::
          PUT    companies/{c}/limit     {"max_connections": N}: override the configured cap
          DELETE companies/{c}/limit     back to the configured cap
          POST   revocations             {"jti": ..., "exp": ...}: 202, sockets using it are closed
+    POST /broadcasting/auth, /apps/{id}/...   the Pusher protocol's HTTP half (relay.pusher_http), when
+                                        the relay serves Pusher: channel auth and the signed HTTP API
 
 Tenancy: an admin token whose ``company`` is ``*`` manages every company (the
 platform operator); any other admin token manages its own company only. Another
@@ -72,6 +74,9 @@ from gateway.records import Device
 from gateway.state.base import StateStore
 from relay import metrics as relay_metrics
 from relay.control import Control, ControlError
+from relay.pusher import PusherHub  # at run time: Litestar resolves RestContext's annotations per request
+from relay.pusher_http import pusher_routes
+from relay.pusher_state import PusherStateError
 from relay.settings import RelaySettings
 from relay.tokens import Claims, TokenError, TokenVerifier
 
@@ -107,6 +112,7 @@ class RestContext:
     verifier: TokenVerifier
     settings: RelaySettings
     health: Callable[[], dict[str, Any]]  # {"status": "ok", ...} answers 200, anything else 503
+    pusher: PusherHub | None = None  # the Pusher protocol's hub: /broadcasting/auth and /apps/... (relay.pusher_http)
 
 
 # -- request and response bodies ----------------------------------------------------------
@@ -487,6 +493,7 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
 _EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: _on_http_exception,
     ControlError: _on_unavailable,
+    PusherStateError: _on_unavailable,  # the Pusher HTTP API's occupancy and presence reads
     RedisError: _on_unavailable,
     sqlite3.Error: _on_unavailable,
     OSError: _on_unavailable,
@@ -526,7 +533,7 @@ def create_app(ctx: RestContext) -> Litestar:
         ),
     )
     return Litestar(
-        route_handlers=[healthz, prometheus_metrics, admin],
+        route_handlers=[healthz, prometheus_metrics, admin, *(pusher_routes(ctx) if ctx.pusher is not None else [])],
         dependencies={"ctx": Provide(lambda: ctx, sync_to_thread=False)},
         exception_handlers=_EXCEPTION_HANDLERS,
         openapi_config=openapi,

@@ -19,8 +19,10 @@ from gateway.state.base import StateStore
 from relay.control import Control
 from relay.hub import Hub
 from relay.native import NativeApp
-from relay.settings import AuthSettings, RelaySettings
-from relay.tokens import TokenVerifier
+from relay.pusher import PusherHub
+from relay.pusher_state import MemoryPusherState, PusherState
+from relay.settings import AuthSettings, PusherSettings, RelaySettings
+from relay.tokens import TokenVerifier, load_secret
 from relay.wsserver import WsServer
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ class Relay:
         control: Control,
         *,
         rest: bool = True,
+        pusher: PusherSettings | None = None,
+        pusher_state: PusherState | None = None,
     ) -> None:
         self.settings = settings
         self.auth = auth
@@ -52,6 +56,9 @@ class Relay:
         self.ws: WsServer | None = None
         self.hub: Hub | None = None
         self.native: NativeApp | None = None
+        self.pusher_settings = pusher if pusher is not None else PusherSettings()
+        self.pusher_state = pusher_state  # default: memory (one process)
+        self.pusher: PusherHub | None = None
         self.rest: RestServer | None = None
         self._feed: asyncio.Task[None] | None = None
         self.feed_ready = asyncio.Event()
@@ -64,12 +71,19 @@ class Relay:
         self.hub = Hub(self.ws)
         self.native = NativeApp(s, self.hub, self.bus, self.store, self.control, self.verifier)
         self.ws.apps.append(self.native)
+        p = self.pusher_settings
+        if p.enabled and p.apps:
+            state = self.pusher_state or MemoryPusherState(self.instance_id)
+            auth_secret = load_secret(self.auth) if any(not app.secret for app in p.apps) else ""
+            self.pusher = PusherHub(p, auth_secret, self.hub, self.store, self.control, state, self.instance_id)
+            await self.pusher.start()
+            self.ws.apps.append(self.pusher)
         self._feed = asyncio.create_task(self._run_feed(), name="relay-feed")
         await self.ws.start(s.host, s.ws_port)
         if self.with_rest:
             from relay.rest import RestContext, create_app, start_rest
 
-            app = create_app(RestContext(self.store, self.control, self.verifier, s, self.health))
+            app = create_app(RestContext(self.store, self.control, self.verifier, s, self.health, pusher=self.pusher))
             self.rest = await start_rest(app, s.host, s.rest_port)
 
     @property
@@ -94,10 +108,12 @@ class Relay:
                 async for entry_id, record in tail:
                     after = entry_id
                     publish(record)
-                return  # the bus was closed
+                log.info("relay feed: the bus tail ended (bus closed?); reading again")
             except BusError as exc:
                 log.warning("relay feed: bus unavailable (%s); retrying", exc)
-                await asyncio.sleep(FEED_RETRY_S)
+            except Exception:  # a bug must not silence the relay for good
+                log.exception("relay feed: unexpected error; reading again after the last record seen")
+            await asyncio.sleep(FEED_RETRY_S)
 
     def health(self) -> dict[str, Any]:
         ws = self.ws
@@ -109,6 +125,9 @@ class Relay:
     async def stop(self, timeout: float = 2.0) -> None:
         if self.ws is not None:
             await self.ws.close(timeout)
+        if self.pusher is not None:
+            with contextlib.suppress(Exception):
+                await self.pusher.close()
         if self._feed is not None:
             self._feed.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

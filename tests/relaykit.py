@@ -22,7 +22,7 @@ from gateway.service import Gateway
 from gateway.settings import BusSettings
 from relay.control import Control, open_control
 from relay.service import Relay
-from relay.settings import AuthSettings, RelaySettings
+from relay.settings import AuthSettings, PusherSettings, RelaySettings
 from relay.tokens import mint_token
 
 SECRET = "relay-test-secret-of-at-least-32-bytes"
@@ -67,13 +67,20 @@ class System:
 
 @contextlib.asynccontextmanager
 async def running_system(
-    tmp_path: Any, *, devices: Sequence[Device] = (), rest: bool = False, **relay: Any
+    tmp_path: Any,
+    *,
+    devices: Sequence[Device] = (),
+    rest: bool = False,
+    pusher: PusherSettings | None = None,
+    **relay: Any,
 ) -> AsyncIterator[System]:
-    """Gateway and relay in this loop on one memory bus and one SQLite store, as ``fleetgate run`` wires them."""
+    """Gateway and relay in this loop on one memory bus and one SQLite store, as ``fleetgate run`` wires them.
+
+    ``pusher``: the ``[pusher]`` section (default: its defaults, the Pusher protocol on)."""
     bus = MemoryBus(BusSettings())
     async with running_gateway(tmp_path, devices=devices, bus=bus) as gateway:
         control = open_control("memory", "", "fleetgate")
-        service = Relay(relay_settings(**relay), AUTH, bus, gateway.store, control, rest=rest)
+        service = Relay(relay_settings(**relay), AUTH, bus, gateway.store, control, rest=rest, pusher=pusher)
         await service.start()
         await asyncio.wait_for(service.feed_ready.wait(), 2.0)
         try:
@@ -119,7 +126,9 @@ class Client:
                     return message
 
     async def auth(self, role: str, company: str, user: str, ttl_s: float = 3600.0, **extra: Any) -> dict[str, Any]:
-        await self.send({"action": "auth", "user_id": user, "role": role, "token": token(role, company, user, ttl_s, **extra)})
+        await self.send(
+            {"action": "auth", "user_id": user, "role": role, "token": token(role, company, user, ttl_s, **extra)}
+        )
         return await self.recv()
 
     async def nothing_within(self, seconds: float) -> bool:
