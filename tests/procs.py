@@ -1,4 +1,8 @@
-"""Running ``fleetgate run`` / ``fleetgate gateway`` as real child processes for process-level tests."""
+"""Running ``fleetgate run`` / ``gateway`` / ``relay`` as real child processes for process-level tests.
+
+Every listener, the relay's WebSocket and REST ports included, is on a free loopback port: a child
+never binds the production defaults (8080, 8000) or a public address.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ class GatewayProcess:
     def __init__(self, workdir: Path, command: str = "run", **env: str) -> None:
         self.workdir = workdir
         self.command = command
-        self.ports = {"gt06": free_port(), "teltonika": free_port(), "metrics": free_port()}
+        self.ports = {name: free_port() for name in ("gt06", "teltonika", "metrics", "ws", "rest")}
         self.env = {
             **os.environ,
             "FLEETGATE_LISTENERS__HOST": "127.0.0.1",
@@ -28,6 +32,9 @@ class GatewayProcess:
             "FLEETGATE_LISTENERS__TELTONIKA_PORT": str(self.ports["teltonika"]),
             "FLEETGATE_LISTENERS__TELTONIKA_UDP_PORT": str(self.ports["teltonika"]),
             "FLEETGATE_METRICS__PORT": str(self.ports["metrics"]),
+            "FLEETGATE_RELAY__HOST": "127.0.0.1",
+            "FLEETGATE_RELAY__WS_PORT": str(self.ports["ws"]),
+            "FLEETGATE_RELAY__REST_PORT": str(self.ports["rest"]),
             "FLEETGATE_STATE__SQLITE_PATH": str(workdir / "state.sqlite"),
             **env,
         }
@@ -37,9 +44,34 @@ class GatewayProcess:
     def start(self) -> GatewayProcess:
         out = open(self.log, "ab")  # noqa: SIM115 (owned by the child)
         self.proc = subprocess.Popen([FLEETGATE, self.command], cwd=self.workdir, env=self.env, stdout=out, stderr=out)
-        wait_port(self.ports["teltonika"], timeout=20)
-        wait_port(self.ports["metrics"], timeout=20)
+        # `relay` opens only the relay's ports; the others open their metrics port last, once all is started.
+        for name in ("ws", "rest") if self.command == "relay" else ("teltonika", "metrics"):
+            self._wait_listening(name, timeout=20)
         return self
+
+    def _wait_listening(self, name: str, timeout: float) -> None:
+        """Wait for the child to listen on port ``name``; fail at once (with its log) if it exits instead."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                wait_port(self.ports[name], timeout=0.25)
+                return
+            except TimeoutError:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    status = self.proc.returncode
+                    raise RuntimeError(f"fleetgate {self.command} exited ({status}):\n{self.output()}") from None
+                if time.monotonic() > deadline:
+                    raise
+
+    @property
+    def ws_url(self) -> str:
+        """The native protocol's WebSocket URL of this child's relay (``run``, ``gateway`` or ``relay``)."""
+        return f"ws://127.0.0.1:{self.ports['ws']}/ws"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['rest']}"
 
     def restart(self) -> GatewayProcess:
         """Start the command again on the same ports (after a kill or a stop)."""
