@@ -15,7 +15,10 @@ cheap, and count or time the frames they read.
   buffer grows without bound); ``deliveries_per_s`` = frames received / wall
   time from the first publish until the last client has every frame;
   ``cpu_us_per_delivery`` = server CPU (user + sys, /proc) over that window /
-  frames. ``ratio`` = relay / broadcast.
+  frames. ``ratio`` = relay / broadcast. The relay runs twice: with its
+  default ``flush_interval_ms`` (frames for one socket within that window go
+  out in one write) and with 0 (``relay_flush_each_turn``: one write per
+  socket per event-loop turn), to show what the window buys.
 * ``idle_rss_kib_per_subscriber``: server VmRSS after N authenticated,
   subscribed, idle connections minus VmRSS before (after a warm-up of a few
   connections), / N, for the largest N.
@@ -134,7 +137,13 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 class RelayTarget:
-    """The real relay, as ``fleetgate run`` builds it (no gateway: this process publishes onto the bus)."""
+    """The real relay, as ``fleetgate run`` builds it (no gateway: this process publishes onto the bus).
+
+    ``flush_interval_ms`` None keeps the configured default; 0 writes at the end of every event-loop turn.
+    """
+
+    def __init__(self, flush_interval_ms: float | None = None) -> None:
+        self.flush_interval_ms = flush_interval_ms
 
     async def start(self, work: Path) -> None:
         from gateway.bus.memory import MemoryBus
@@ -144,10 +153,11 @@ class RelayTarget:
         from relay.service import Relay
         from relay.settings import AuthSettings, RelaySettings
 
-        settings = msgspec.convert(
-            {"host": "127.0.0.1", "ws_port": 0, "rest_port": 0, "max_connections_per_company": 1_000_000},
-            RelaySettings,
-        )
+        overrides: dict[str, Any] = {"host": "127.0.0.1", "ws_port": 0, "rest_port": 0}
+        overrides["max_connections_per_company"] = 1_000_000
+        if self.flush_interval_ms is not None:
+            overrides["flush_interval_ms"] = self.flush_interval_ms
+        settings = msgspec.convert(overrides, RelaySettings)
         self.bus = MemoryBus(BusSettings())
         self.store = SqliteStateStore(StateSettings(sqlite_path=str(work / "relay.sqlite")))
         control = open_control("memory", "", "fleetgate")
@@ -270,7 +280,11 @@ async def _serve(args: argparse.Namespace) -> None:
         await target.start(work, args.devices)
         _say({"pid": os.getpid(), "port": target.port, "device_port": target.device_port})
     else:
-        target = RelayTarget() if args.child == "serve-relay" else WebsocketsTarget()
+        target = {
+            "serve-relay": RelayTarget,
+            "serve-relay-turn": lambda: RelayTarget(flush_interval_ms=0),
+            "serve-websockets": WebsocketsTarget,
+        }[args.child]()
         await target.start(work)
         tune_gc()  # as Gateway.start does in `fleetgate run`; the same for the reference
         _say({"pid": os.getpid(), "port": target.port})
@@ -855,13 +869,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             for n in args.subscribers:
                 runs = {t: await fanout_target(t, n, clients, work, args) for t in TARGETS}
                 for batch in args.batches:
-                    relay, ws = (runs[t][f"batch_{batch}"] for t in TARGETS)
+                    relay, turn, ws = (runs[t][f"batch_{batch}"] for t in TARGETS)
                     out["fanout"].append({
                         "subscribers": n, "batch": batch,
-                        "relay": relay, "websockets_broadcast": ws,
+                        "relay": relay, "relay_flush_each_turn": turn, "websockets_broadcast": ws,
                         "ratio": {"cpu_us_per_delivery": round(relay["cpu_us_per_delivery"]
                                                                / ws["cpu_us_per_delivery"], 3),
                                   "deliveries_per_s": round(relay["deliveries_per_s"] / ws["deliveries_per_s"], 3)},
+                        "ratio_flush_each_turn": {
+                            "cpu_us_per_delivery": round(turn["cpu_us_per_delivery"] / ws["cpu_us_per_delivery"], 3),
+                            "deliveries_per_s": round(turn["deliveries_per_s"] / ws["deliveries_per_s"], 3)},
                     })  # fmt: skip
                 rss = {"subscribers": n, **{TARGETS[t]: runs[t]["idle_rss_kib_per_subscriber"] for t in TARGETS},
                        "detail": {TARGETS[t]: {k: runs[t][k] for k in ("rss_before_kib", "rss_after_kib",
@@ -877,7 +894,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-TARGETS = {"relay": "relay", "websockets": "websockets_serve"}
+# "relay": default settings (fan-out writes flushed every flush_interval_ms); "relay-turn": flushed every loop turn.
+TARGETS = {"relay": "relay", "relay-turn": "relay_flush_each_turn", "websockets": "websockets_serve"}
 NOTES = [
     "fanout: N subscribers on one company (the relay's per-company connection limit raised to allow it); "
     "cpu_us_per_delivery = server process CPU (user + sys, all threads) / frames delivered; ratio = relay / "

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from gateway.settings import GatewaySettings
-from relay.settings import AuthSettings, PusherSettings, RelaySettings
+from relay.settings import AuthSettings, LinkSettings, PusherSettings, RelaySettings
 
 ENV_PREFIX = "FLEETGATE_"
 
@@ -30,6 +30,7 @@ class Config(GatewaySettings, kw_only=True, forbid_unknown_fields=True):
     relay: RelaySettings = msgspec.field(default_factory=RelaySettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     pusher: PusherSettings = msgspec.field(default_factory=PusherSettings)
+    links: LinkSettings = msgspec.field(default_factory=LinkSettings)
 
 
 class ConfigError(ValueError):
@@ -183,4 +184,20 @@ name = "fleetgate"
 max_connections = 100000
 enable_client_messages = false  # client-* events on private/presence channels (10 per second)
 max_client_events_per_s = 10
+
+[links]
+enabled = true                  # public tracking links (REST /api/tracking-links, /api/public/tracking-links)
+smtp_host = ""                  # empty: verification codes are written to the log (local demo)
+smtp_port = 587
+smtp_username = ""
+smtp_password = ""
+smtp_tls = "starttls"           # "none", "starttls" or "tls"
+mail_from = "fleetgate@localhost"
+geocoder_url = ""               # Nominatim-compatible URL for street-level addresses; empty: offline town table
+geocoder_user_agent = "fleetgate"
+verify_per_minute_per_ip = 30   # beyond: HTTP 429 with Retry-After
+poll_per_minute_per_session = 60
+ws_connections_per_ip = 100     # Pusher-protocol sockets per address; beyond: pusher:error 4100
+channel_messages_per_s = 10.0   # per link channel; faster positions are coalesced to the latest
+speed_window_s = 600.0          # ETA: average moving speed over this recent window
 """

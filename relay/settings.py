@@ -7,6 +7,8 @@ environment overrides).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 
@@ -65,3 +67,22 @@ class PusherSettings(_Section):
     pong_timeout_s: float = 30.0
     max_message: int = 10 * 1024  # client messages and event data (bytes)
     batch_window_ms: int = 100  # location records for one channel within this window go out as one array event
+
+
+class LinkSettings(_Section):
+    """Public tracking links: e-mail, geocoding and the limits that protect the public endpoints."""
+
+    enabled: bool = True
+    smtp_host: str = ""  # empty: verification codes are written to the log (embedded demo)
+    smtp_port: int = 587
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_tls: Literal["none", "starttls", "tls"] = "starttls"
+    mail_from: str = "fleetgate@localhost"
+    geocoder_url: str = ""  # Nominatim-compatible base URL for street-level addresses; empty: offline town table
+    geocoder_user_agent: str = "fleetgate"
+    verify_per_minute_per_ip: int = 30  # POST .../verify; beyond: 429 with Retry-After
+    poll_per_minute_per_session: int = 60  # GET .../location; beyond: 429 with Retry-After
+    ws_connections_per_ip: int = 100  # Pusher-protocol sockets from one address; beyond: pusher:error 4100
+    channel_messages_per_s: float = 10.0  # per link channel; faster positions are coalesced to the latest
+    speed_window_s: float = 600.0  # ETA uses the average moving speed over this recent window
