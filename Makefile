@@ -44,10 +44,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## bench: codec and ingest throughput, printed as JSON
+## bench: codec, ingest and fan-out throughput, printed as JSON
 bench: $(STAMP)
 	$(BIN)/python bench/codecs.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/fanout.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis $(JS)/node_modules
