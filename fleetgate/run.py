@@ -24,7 +24,9 @@ from gateway.service import Gateway
 from gateway.state import open_state
 from gateway.state.base import StateStore
 from relay.control import Control, open_control
+from relay.links.store import open_link_store
 from relay.pusher_state import open_pusher_state
+from relay.ratelimit import open_rate_limiter
 from relay.service import Relay
 
 log = logging.getLogger("fleetgate")
@@ -101,11 +103,31 @@ def _control(config: Config) -> Control:
 
 
 def _relay(config: Config, bus: Bus, store: StateStore) -> Relay:
-    """The relay, with the Pusher protocol's presence store on Redis when the bus is (like the control plane)."""
+    """The relay, with the Pusher protocol's presence store and the rate limits on Redis when the bus is (like
+    the control plane), and the tracking links beside the state store (same SQLite file, or Redis)."""
     driver = "redis" if config.bus.driver == "redis" else "memory"
     instance = config.relay.instance_id or f"{socket.gethostname()}:{os.getpid()}"
     state = open_pusher_state(driver, config.bus.redis_url, config.bus.prefix, instance)
-    return Relay(config.relay, config.auth, bus, store, _control(config), pusher=config.pusher, pusher_state=state)
+    link_store = None
+    if config.links.enabled:
+        link_store = open_link_store(
+            "redis" if config.state.driver == "redis" else "sqlite",
+            sqlite_path=config.state.sqlite_path,
+            redis_url=config.state.redis_url,
+            prefix=config.state.prefix,
+        )
+    return Relay(
+        config.relay,
+        config.auth,
+        bus,
+        store,
+        _control(config),
+        pusher=config.pusher,
+        pusher_state=state,
+        links=config.links,
+        link_store=link_store,
+        rate_limiter=open_rate_limiter(driver, config.bus.redis_url, config.bus.prefix),
+    )
 
 
 async def serve(config: Config, *, with_relay: bool = True) -> int:

@@ -9,7 +9,10 @@ Channels (hub keys ``p:{app_id}:{channel}``, so apps never share a channel):
 * ``private-account.{company}``: ``location.updated`` for every asset of the account, ``alert.triggered``;
 * ``private-asset.{asset_id}``: the same for one asset;
 * ``presence-account.{company}``: who is watching; any other public, ``private-``, ``presence-`` or
-  ``private-encrypted-`` channel works for the HTTP API and client events.
+  ``private-encrypted-`` channel works for the HTTP API and client events;
+* ``private-tracking-link.{uuid}``: a public tracking link's viewers, admitted (after the signature
+  check) and fed by :class:`relay.links.channel.LinkChannels` when the relay serves tracking links
+  (:meth:`PusherHub.attach_links`); refusals there close the socket with 4001-4005. No client events.
 
 Tenancy: records reach only ``private-`` channels named from the record's own company and asset, and a
 socket joins a private channel only with a signature over its socket id and the channel name, which
@@ -24,7 +27,8 @@ Codes chosen (§1.4: 4000 is never used; 4001-4099 and 4300+ stop pusher-js for 
 
 * unknown app key: ``pusher:error`` 4001, close 4001; no ``protocol`` parameter: 4008; a protocol
   other than 5, 6, 7: 4007; the app's connection cap on this instance: 4004 (a quota, as the issue
-  asks; instance overload is refused earlier, by the WebSocket server, with HTTP 503);
+  asks; instance overload is refused earlier, by the WebSocket server, with HTTP 503); more sockets
+  from one IP address than ``[links] ws_connections_per_ip``: 4100 (pusher-js retries after 1 s);
 * a revoked token, or :meth:`PusherHub.terminate_user`: ``pusher:error`` 4009, close 4009;
 * silence: the WebSocket server pings and closes an unanswered socket with 4201 (reconnect at once);
 * a client message over ``max_message`` (10 KB): close 1009 by the WebSocket layer (pusher-js
@@ -48,7 +52,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
@@ -64,6 +68,9 @@ from relay.pusher_state import PusherState, PusherStateError
 from relay.settings import PusherAppSettings, PusherSettings
 from relay.wsserver import WsConnection
 
+if TYPE_CHECKING:
+    from relay.links.channel import LinkChannels
+
 log = logging.getLogger(__name__)
 
 CODE_APP_UNKNOWN = 4001
@@ -71,6 +78,7 @@ CODE_OVER_QUOTA = 4004
 CODE_UNSUPPORTED_PROTOCOL = 4007
 CODE_NO_PROTOCOL = 4008
 CODE_UNAUTHORIZED = 4009
+CODE_OVER_CAPACITY = 4100
 CODE_PONG_TIMEOUT = 4201
 CODE_CLIENT_EVENT_RATE = 4301
 PROTOCOLS = frozenset({5, 6, 7})
@@ -115,6 +123,9 @@ class PusherHub:
         self.app_connections: collections.Counter[str] = collections.Counter()
         self.by_user: dict[tuple[str, str], set[PusherSession]] = {}  # (app id, user key) -> sessions
         self.by_jti: dict[str, set[PusherSession]] = {}  # channel grants by token id (note_grant)
+        self.links: LinkChannels | None = None  # private-tracking-link.* channels (attach_links)
+        self.max_connections_per_ip = 0  # 0: no cap (attach_links sets [links] ws_connections_per_ip)
+        self.ip_connections: collections.Counter[str] = collections.Counter()
         self.fanout = wire.Fanout(hub, list(self.apps_by_id), settings.batch_window_ms, settings.max_message)
         self._tasks: set[asyncio.Task[None]] = set()
         self.loop = asyncio.get_running_loop()
@@ -138,6 +149,11 @@ class PusherHub:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=CLOSE_TASKS_TIMEOUT_S)
         await self.state.close()
+
+    def attach_links(self, links: LinkChannels, max_connections_per_ip: int) -> None:
+        """Serve ``private-tracking-link.*`` channels through ``links``, and cap the sockets per IP address."""
+        self.links = links
+        self.max_connections_per_ip = max_connections_per_ip
 
     # --- wsserver.App -------------------------------------------------------------------------------
 
@@ -333,6 +349,10 @@ class PusherSession:
             self.refuse(CODE_UNSUPPORTED_PROTOCOL, f"Unsupported protocol version {protocol[:16]}", "protocol")
             return
         hub = self.hub
+        per_ip = hub.max_connections_per_ip
+        if per_ip and hub.ip_connections[self.conn.peer_ip] >= per_ip:
+            self.refuse(CODE_OVER_CAPACITY, "Over capacity: too many connections from this address", "limit_ip")
+            return
         if hub.app_connections[app.id] >= app.max_connections:
             self.refuse(CODE_OVER_QUOTA, "Application is over connection quota", "limit_reached")
             return
@@ -340,6 +360,7 @@ class PusherSession:
         self.socket_id = hub.new_socket_id()
         hub.sessions[self.socket_id] = self
         hub.app_connections[app.id] += 1
+        hub.ip_connections[self.conn.peer_ip] += 1
         # Never 0: pusher-js refuses a handshake without an activity timeout (§1.2).
         self.conn.send_text(wire.connection_established(self.socket_id, max(1, hub.settings.activity_timeout_s)))
 
@@ -371,6 +392,11 @@ class PusherSession:
         hub.app_connections[app.id] -= 1
         if hub.app_connections[app.id] <= 0:
             del hub.app_connections[app.id]
+        hub.ip_connections[self.conn.peer_ip] -= 1
+        if hub.ip_connections[self.conn.peer_ip] <= 0:
+            del hub.ip_connections[self.conn.peer_ip]
+        if hub.links is not None:
+            hub.links.forget(self)
         for jti in self.jtis:
             sessions = hub.by_jti.get(jti)
             if sessions is not None:
@@ -444,6 +470,14 @@ class PusherSession:
                 metrics.AUTH_FAILURES.labels(reason="pusher_signature").inc()
             self._subscription_error(channel, refused.kind, refused.message, refused.status)
             return
+        held: list[bytes] = []  # events that wait until subscription_succeeded is out
+        if wire.is_tracking_link(channel):
+            admitted = await self.hub.links.admit(self, channel) if self.hub.links is not None else None
+            if admitted is None:  # refused: the socket is closing (4001-4005), or a subscription error
+                if self.hub.links is None:
+                    self._subscription_error(channel, "InvalidChannel", "tracking links are not served here", 404)
+                return
+            held += admitted  # the link's current position
         if channel in self.channels:  # already subscribed: succeed again (§2.1)
             membership = self.channels[channel]
             try:
@@ -454,8 +488,7 @@ class PusherSession:
             self.conn.send_text(wire.subscription_succeeded(channel, data))
             return
         conn = self.conn
-        held: list[bytes] = []
-        conn.hold = held  # events wait until subscription_succeeded is out
+        conn.hold = held
         try:
             await self._join(channel, presence)
         finally:
@@ -510,6 +543,8 @@ class PusherSession:
             return  # no reply, subscribed or not (§2 table)
         presence = self.channels.pop(channel)
         self.hub.hub.leave(wire.hub_key(self.app.id, channel), self.conn)
+        if self.hub.links is not None and wire.is_tracking_link(channel):
+            self.hub.links.forget(self, channel)
         if presence is not None:
             self._forget_user(presence.user_key)
         await self._release(self.app.id, {channel: presence})
@@ -552,6 +587,9 @@ class PusherSession:
             return
         if wire.channel_kind(channel) not in (wire.PRIVATE, wire.PRESENCE):
             self.error(None, "Client event rejected - only supported on private and presence channels")
+            return
+        if wire.is_tracking_link(channel):  # viewers of a public link do not talk to each other
+            self.error(None, "Client event rejected - not supported on tracking link channels")
             return
         if len(message.event) > wire.MAX_EVENT_NAME:
             self.error(None, f"Client event rejected - event names have at most {wire.MAX_EVENT_NAME} characters")

@@ -35,6 +35,9 @@ PUBLIC, PRIVATE, ENCRYPTED, PRESENCE = "public", "private", "private-encrypted",
 LOCATION_EVENT = "location.updated"
 ALERT_EVENT = "alert.triggered"
 
+# A public tracking link's viewers (relay.links.channel): authorised by a link session, not an access token.
+TRACKING_LINK_PREFIX = "private-tracking-link."
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -58,6 +61,11 @@ def channel_name_problem(channel: str) -> str | None:
     if CHANNEL_NAME.fullmatch(channel) is None:
         return "channel name may only contain A-Z, a-z, 0-9 and _ - = @ , . ;"
     return None
+
+
+def is_tracking_link(channel: str) -> bool:
+    """A ``private-tracking-link.{uuid}`` channel: admitted by :class:`relay.links.channel.LinkChannels`."""
+    return channel.startswith(TRACKING_LINK_PREFIX)
 
 
 def hub_key(app_id: str, channel: str) -> str:

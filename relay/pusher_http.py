@@ -21,6 +21,12 @@ company (listing the asset when the token lists any). Driver tokens subscribe to
 in the native protocol. Presence ``channel_data`` is built here from the token; a client
 never chooses who it is.
 
+Tracking-link channels (``private-tracking-link.{uuid}``, when the relay serves tracking links)
+take a link *session* token as the bearer instead, the one ``POST
+/api/public/tracking-links/{uuid}/verify`` returned; it authorises that link's channel only. A
+refusal answers the :class:`~relay.links.service.LinkAccessError`'s HTTP status with ``{"error",
+"code", "message"}``, ``code`` being the WebSocket close code (4001-4005) a subscription would get.
+
 The HTTP API trusts whoever holds the app secret with every channel of that app.
 
 Errors are raised as Litestar exceptions and turned into ``{"error", "message"}`` JSON by
@@ -54,6 +60,7 @@ from gateway.state.base import StateStore
 from relay import metrics as relay_metrics
 from relay import pusher_channels as wire
 from relay.control import Control
+from relay.links.service import LinkAccessError
 from relay.pusher_auth import RequestAuthError, channel_auth, verify_request
 from relay.settings import PusherAppSettings
 from relay.tokens import Claims, TokenError, TokenVerifier
@@ -279,10 +286,51 @@ def presence_data(claims: Claims) -> str:
     return msgspec.json.encode({"user_id": claims.sub, "user_info": info}).decode()
 
 
+async def _tracking_link_fields(request: Request[Any, Any, Any], pusher: PusherContext) -> dict[str, str] | None:
+    """The body's fields when it asks for a tracking-link channel (served here); None otherwise, also
+    for a body that does not parse: the access-token path then answers (its token check comes first)."""
+    if pusher.hub.links is None:
+        return None
+    try:
+        fields = await _auth_fields(request)
+    except ValidationException:
+        return None
+    return fields if wire.is_tracking_link(fields.get("channel_name", "")) else None
+
+
+async def _tracking_link_auth(
+    request: Request[Any, Any, Any], pusher: PusherContext, fields: dict[str, str]
+) -> Response[bytes]:
+    """Sign a tracking-link channel for the link session in the bearer header, and tell the socket's
+    relay instance which session it uses (:meth:`LinkChannels.note_grant`)."""
+    links = pusher.hub.links
+    assert links is not None
+    socket_id, channel = fields.get("socket_id", ""), fields["channel_name"]
+    if not _SOCKET_ID.fullmatch(socket_id):
+        raise _bad_request("socket_id must be two integers joined by a dot, as the connection reported it", _CORS)
+    app = _auth_app(pusher.hub, request.query_params, fields)
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    try:
+        if scheme.lower() != "bearer" or not token.strip():
+            raise LinkAccessError(4001, "an 'Authorization: Bearer <session token>' header is required")
+        session, link = await links.service.session_for(token.strip(), channel[len(wire.TRACKING_LINK_PREFIX) :])
+    except LinkAccessError as exc:
+        relay_metrics.AUTH_FAILURES.labels(reason="link_session").inc()
+        body = {"error": exc.error, "code": exc.code, "message": exc.message}
+        return Response(msgspec.json.encode(body), status_code=exc.status, media_type=_JSON, headers=_CORS)
+    reply = {"auth": channel_auth(app.key, pusher.hub.secret_of(app), socket_id, channel)}
+    await links.note_grant(socket_id, session.token_hash, link.uuid, session.expires_at)
+    return _json(reply, _CORS)
+
+
 @post("/broadcasting/auth", status_code=200, summary="Authorise a Pusher channel", security=[{"bearer": []}])
 async def broadcasting_auth(request: Request[Any, Any, Any], pusher: NamedDependency[PusherContext]) -> Response[bytes]:
     """``{"auth": "key:signature"}`` (plus ``channel_data`` on presence channels) for a channel this
-    bearer token may see; 401 for a bad token, 403 for a channel it may not see, 400 for a bad body."""
+    bearer token may see; 401 for a bad token, 403 for a channel it may not see, 400 for a bad body.
+    Tracking-link channels: see the module docstring."""
+    link_fields = await _tracking_link_fields(request, pusher)
+    if link_fields is not None:
+        return await _tracking_link_auth(request, pusher, link_fields)
     claims = _claims(pusher, request.headers.get("authorization"))
     fields = await _auth_fields(request)
     socket_id, channel = fields.get("socket_id", ""), fields.get("channel_name", "")

@@ -23,6 +23,8 @@ Endpoints::
          POST   revocations             {"jti": ..., "exp": ...}: 202, sockets using it are closed
     POST /broadcasting/auth, /apps/{id}/...   the Pusher protocol's HTTP half (relay.pusher_http), when
                                         the relay serves Pusher: channel auth and the signed HTTP API
+    /api/tracking-links, /api/public/tracking-links/...   tracking links (relay.links.rest), when the
+                                        relay serves links: management (office/admin tokens), public flow
 
 Tenancy: an admin token whose ``company`` is ``*`` manages every company (the
 platform operator); any other admin token manages its own company only. Another
@@ -74,9 +76,14 @@ from gateway.records import Device
 from gateway.state.base import StateStore
 from relay import metrics as relay_metrics
 from relay.control import Control, ControlError
+from relay.links.mail import MailError
+from relay.links.rest import link_routes
+from relay.links.service import LinkAccessError, LinkRequestError, LinkService  # at run time, as PusherHub
+from relay.links.store import LinkStoreError
 from relay.pusher import PusherHub  # at run time: Litestar resolves RestContext's annotations per request
 from relay.pusher_http import pusher_routes
 from relay.pusher_state import PusherStateError
+from relay.ratelimit import RateLimited, RateLimiterError
 from relay.settings import RelaySettings
 from relay.tokens import Claims, TokenError, TokenVerifier
 
@@ -113,6 +120,7 @@ class RestContext:
     settings: RelaySettings
     health: Callable[[], dict[str, Any]]  # {"status": "ok", ...} answers 200, anything else 503
     pusher: PusherHub | None = None  # the Pusher protocol's hub: /broadcasting/auth and /apps/... (relay.pusher_http)
+    links: LinkService | None = None  # tracking links: /api/tracking-links, /api/public/... (relay.links.rest)
 
 
 # -- request and response bodies ----------------------------------------------------------
@@ -453,8 +461,10 @@ _ERROR_NAMES = {
 }
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response[dict[str, str]]:
-    body = {"error": _ERROR_NAMES.get(status, "Error"), "message": message}
+def _error(
+    status: int, message: str, headers: dict[str, str] | None = None, name: str | None = None
+) -> Response[dict[str, str]]:
+    body = {"error": name or _ERROR_NAMES.get(status, "Error"), "message": message}
     return Response(body, status_code=status, headers=headers, media_type=_JSON)
 
 
@@ -485,6 +495,26 @@ def _on_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response
     return _error(503, "the state store or the control channel is unavailable; retry later")
 
 
+def _on_mail_failed(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
+    log.warning("REST %s %s: mail not sent: %r", request.method, request.url.path, exc)
+    return _error(503, "the verification mail could not be sent; retry later")
+
+
+def _on_link_access(_: Request[Any, Any, Any], exc: LinkAccessError) -> Response[dict[str, Any]]:
+    """A viewer refused: ``code`` is the one a WebSocket viewer gets as close code (relay.links.service)."""
+    headers = {"WWW-Authenticate": 'Bearer realm="fleetgate-tracking-link"'} if exc.status == 401 else None
+    body = {"error": exc.error, "code": exc.code, "message": exc.message}
+    return Response(body, status_code=exc.status, headers=headers, media_type=_JSON)
+
+
+def _on_link_request(_: Request[Any, Any, Any], exc: LinkRequestError) -> Response[dict[str, str]]:
+    return _error(exc.status, exc.message, name=exc.error)
+
+
+def _on_rate_limited(_: Request[Any, Any, Any], exc: RateLimited) -> Response[dict[str, str]]:
+    return _error(429, "too many requests; retry later", {"Retry-After": exc.retry_after_header})
+
+
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, str]]:
     log.error("REST %s %s failed", request.method, request.url.path, exc_info=exc)
     return _error(500, "internal error")
@@ -494,6 +524,12 @@ _EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: _on_http_exception,
     ControlError: _on_unavailable,
     PusherStateError: _on_unavailable,  # the Pusher HTTP API's occupancy and presence reads
+    LinkStoreError: _on_unavailable,
+    RateLimiterError: _on_unavailable,
+    MailError: _on_mail_failed,
+    LinkAccessError: _on_link_access,
+    LinkRequestError: _on_link_request,
+    RateLimited: _on_rate_limited,
     RedisError: _on_unavailable,
     sqlite3.Error: _on_unavailable,
     OSError: _on_unavailable,
@@ -533,7 +569,13 @@ def create_app(ctx: RestContext) -> Litestar:
         ),
     )
     return Litestar(
-        route_handlers=[healthz, prometheus_metrics, admin, *(pusher_routes(ctx) if ctx.pusher is not None else [])],
+        route_handlers=[
+            healthz,
+            prometheus_metrics,
+            admin,
+            *(pusher_routes(ctx) if ctx.pusher is not None else []),
+            *(link_routes(ctx) if ctx.links is not None else []),
+        ],
         dependencies={"ctx": Provide(lambda: ctx, sync_to_thread=False)},
         exception_handlers=_EXCEPTION_HANDLERS,
         openapi_config=openapi,

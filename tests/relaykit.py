@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -21,8 +21,9 @@ from gateway.records import Device, TrackedPosition, record_id
 from gateway.service import Gateway
 from gateway.settings import BusSettings
 from relay.control import Control, open_control
+from relay.links.store import open_link_store
 from relay.service import Relay
-from relay.settings import AuthSettings, PusherSettings, RelaySettings
+from relay.settings import AuthSettings, LinkSettings, PusherSettings, RelaySettings
 from relay.tokens import mint_token
 
 SECRET = "relay-test-secret-of-at-least-32-bytes"
@@ -72,16 +73,35 @@ async def running_system(
     devices: Sequence[Device] = (),
     rest: bool = False,
     pusher: PusherSettings | None = None,
+    links: LinkSettings | None = None,
+    clock: Callable[[], datetime] | None = None,
     **relay: Any,
 ) -> AsyncIterator[System]:
     """Gateway and relay in this loop on one memory bus and one SQLite store, as ``fleetgate run`` wires them.
 
-    ``pusher``: the ``[pusher]`` section (default: its defaults, the Pusher protocol on)."""
+    ``pusher``: the ``[pusher]`` section (default: its defaults, the Pusher protocol on). ``links``: the
+    ``[links]`` section, tracking links on, their store in ``tmp_path``; ``clock`` then replaces the
+    link service's clock (status, schedules, session and code expiry)."""
     bus = MemoryBus(BusSettings())
     async with running_gateway(tmp_path, devices=devices, bus=bus) as gateway:
         control = open_control("memory", "", "fleetgate")
-        service = Relay(relay_settings(**relay), AUTH, bus, gateway.store, control, rest=rest, pusher=pusher)
+        link_store = None
+        if links is not None:
+            link_store = open_link_store("sqlite", sqlite_path=str(tmp_path / "links.sqlite"), redis_url="", prefix="")
+        service = Relay(
+            relay_settings(**relay),
+            AUTH,
+            bus,
+            gateway.store,
+            control,
+            rest=rest,
+            pusher=pusher,
+            links=links,
+            link_store=link_store,
+        )
         await service.start()
+        if clock is not None and service.links is not None:
+            service.links.clock = clock
         await asyncio.wait_for(service.feed_ready.wait(), 2.0)
         try:
             yield System(gateway, service, control)
@@ -164,3 +184,111 @@ async def driver(url: str, company: str, user: str, **extra: Any) -> Client:
     reply = await client.auth("driver", company, user, **extra)
     assert reply["type"] == "authenticated", reply
     return client
+
+
+# --- tracking links: an injectable clock and a viewer on the Pusher protocol -------------------------------
+
+
+class Clock:
+    """The link service's clock for tests: real time plus an offset that a test moves (``jump``, ``set``)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def jump(self, **delta: float) -> None:
+        self.offset += timedelta(**delta)
+
+    def set(self, moment: datetime) -> None:
+        self.offset = moment - datetime.now(UTC)
+
+
+def link_channel(link_uuid: str) -> str:
+    return f"private-tracking-link.{link_uuid}"
+
+
+class LinkViewer:
+    """A tracking-link viewer as pusher-js behaves, on a raw websockets connection: the channel is authorised
+    at ``/broadcasting/auth`` with the session token. Every message received is kept in ``messages``."""
+
+    def __init__(self, ws: ClientConnection, socket_id: str, established: dict[str, Any]) -> None:
+        self.ws = ws
+        self.socket_id = socket_id
+        self.messages: list[dict[str, Any]] = [established]
+
+    @classmethod
+    async def connect(cls, ws_port: int, key: str) -> LinkViewer:
+        ws = await connect(f"ws://127.0.0.1:{ws_port}/app/{key}?protocol=7&client=js&version=8.6.0", open_timeout=5)
+        established = json.loads(await asyncio.wait_for(ws.recv(), 3))
+        assert established["event"] == "pusher:connection_established", established
+        return cls(ws, json.loads(established["data"])["socket_id"], established)
+
+    async def send(self, event: str, data: Any, channel: str | None = None) -> None:
+        message: dict[str, Any] = {"event": event, "data": data}
+        if channel is not None:
+            message["channel"] = channel
+        await self.ws.send(json.dumps(message))
+
+    async def recv(self, timeout: float = 3.0) -> dict[str, Any]:
+        message = dict(json.loads(await asyncio.wait_for(self.ws.recv(), timeout)))
+        self.messages.append(message)
+        return message
+
+    async def next(self, event: str, timeout: float = 3.0) -> dict[str, Any]:
+        """The next message named ``event``, skipping others."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.recv(timeout)
+                if message["event"] == event:
+                    return message
+
+    async def authorise(self, http: Any, link_uuid: str, session_token: str) -> Any:
+        """``POST /broadcasting/auth`` as pusher-js sends it (form body, bearer session token); the response."""
+        form = {"socket_id": self.socket_id, "channel_name": link_channel(link_uuid)}
+        return await http.post("/broadcasting/auth", data=form, headers={"Authorization": f"Bearer {session_token}"})
+
+    async def subscribe(self, link_uuid: str, auth: str | None) -> dict[str, Any]:
+        """Send ``pusher:subscribe`` (``auth`` None: without one); the first reply about it."""
+        data = {"channel": link_channel(link_uuid), **({"auth": auth} if auth is not None else {})}
+        await self.send("pusher:subscribe", data)
+        async with asyncio.timeout(5.0):
+            while True:
+                message = await self.recv(5.0)
+                if message["event"] in ("pusher:error", "pusher:subscription_error") or message.get("channel"):
+                    return message
+
+    async def watch(self, http: Any, link_uuid: str, session_token: str) -> dict[str, Any]:
+        """Authorise and subscribe; the ``subscription_succeeded`` message."""
+        reply = await self.authorise(http, link_uuid, session_token)
+        assert reply.status_code == 200, reply.text
+        message = await self.subscribe(link_uuid, reply.json()["auth"])
+        assert message["event"] == "pusher_internal:subscription_succeeded", message
+        return message
+
+    async def ping(self) -> None:
+        await self.send("pusher:ping", {})
+        await self.next("pusher:pong")
+
+    async def closed_with(self, timeout: float = 3.0) -> int | None:
+        """Read until the server closes; the close code it sent."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self.recv(timeout)
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd is not None else None
+        raise AssertionError("not closed")
+
+    async def refused(self, timeout: float = 3.0) -> tuple[int, int | None]:
+        """The code of the next ``pusher:error`` and the close code that follows it."""
+        error = await self.next("pusher:error", timeout)
+        return error["data"]["code"], await self.closed_with(timeout)
+
+    def events(self, name: str) -> list[Any]:
+        """The decoded data of every ``name`` event received so far."""
+        return [json.loads(m["data"]) for m in self.messages if m["event"] == name]
+
+    async def close(self) -> None:
+        await self.ws.close()
