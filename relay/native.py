@@ -39,14 +39,13 @@ from relay.frames import text_frame
 from relay.hub import Hub
 from relay.settings import RelaySettings
 from relay.tokens import Claims, TokenError, TokenVerifier
-from relay.wsserver import CODE_PING_TIMEOUT, WsConnection
+from relay.wsserver import CODE_PING_TIMEOUT, Inbox, WsConnection
 
 log = logging.getLogger(__name__)
 
 CODE_UNAUTHORIZED = 4001
 CODE_TOKEN_EXPIRED = 4002
 CODE_LIMIT_REACHED = 4004
-MAX_WAITING = 16  # client messages queued per socket before reading pauses
 
 # --- client messages --------------------------------------------------------------------------
 
@@ -215,20 +214,13 @@ class NativeSession:
         self.conn = conn
         self.claims: Claims | None = None
         self.channels: set[str] = set()
-        self._waiting: collections.deque[bytes] = collections.deque()
-        self._worker: asyncio.Task[None] | None = None
-        self._paused = False
+        self.inbox = Inbox(conn, self._handle)
         conn.call_later(app.settings.auth_timeout_s, self._auth_timeout)
 
     # --- wsserver.Session ----------------------------------------------------------------------
 
     def on_text(self, data: bytes) -> None:
-        self._waiting.append(data)
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._drain())
-        elif len(self._waiting) >= MAX_WAITING and not self._paused and self.conn.transport is not None:
-            self._paused = True
-            self.conn.transport.pause_reading()
+        self.inbox.put(data)
 
     def on_binary(self, data: bytes) -> None:
         self.error("BadPayload", "messages are JSON text frames")
@@ -237,7 +229,7 @@ class NativeSession:
         for channel in self.channels:
             self.app.hub.leave(channel, self.conn)
         self.channels.clear()
-        self._waiting.clear()
+        self.inbox.clear()
         claims, self.claims = self.claims, None
         if claims is not None and claims.role == "driver":
             key = f"{claims.company}/{claims.sub}"
@@ -255,19 +247,6 @@ class NativeSession:
                     del self.app.by_jti[claims.jti]
 
     # --- message handling ----------------------------------------------------------------------
-
-    async def _drain(self) -> None:
-        try:
-            while self._waiting and self.conn.open:
-                await self._handle(self._waiting.popleft())
-                if self._paused and len(self._waiting) < MAX_WAITING // 2 and self.conn.transport is not None:
-                    self._paused = False
-                    self.conn.transport.resume_reading()
-        except Exception:
-            log.exception("unexpected error in a native session; closing with 1011")
-            self.conn.close(1011, "internal error", reason="internal_error")
-        finally:
-            self._worker = None
 
     async def _handle(self, data: bytes) -> None:
         try:

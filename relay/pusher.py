@@ -66,7 +66,7 @@ from relay.hub import Hub
 from relay.pusher_auth import app_secret
 from relay.pusher_state import PusherState, PusherStateError
 from relay.settings import PusherAppSettings, PusherSettings
-from relay.wsserver import WsConnection
+from relay.wsserver import Inbox, WsConnection
 
 if TYPE_CHECKING:
     from relay.links.channel import LinkChannels
@@ -82,7 +82,6 @@ CODE_OVER_CAPACITY = 4100
 CODE_PONG_TIMEOUT = 4201
 CODE_CLIENT_EVENT_RATE = 4301
 PROTOCOLS = frozenset({5, 6, 7})
-MAX_WAITING = 16  # client messages queued per socket before reading pauses
 CLOSE_TASKS_TIMEOUT_S = 2.0
 
 # Control hints (relay.control): every instance, the sender included, applies them to its own sockets.
@@ -323,9 +322,7 @@ class PusherSession:
         self.users: set[str] = set()  # user ids of those tokens
         self._pending: set[str] = set()  # joined to the hub, state being written
         self._client_events: collections.deque[float] = collections.deque()
-        self._waiting: collections.deque[bytes] = collections.deque()
-        self._worker: asyncio.Task[None] | None = None
-        self._paused = False
+        self.inbox = Inbox(conn, self._handle)
         self._started = False
         self._closed = False
         # After the handshake response is written: the protocol object accepts messages only then.
@@ -370,12 +367,7 @@ class PusherSession:
         self._establish()
         if self.app is None or not self.conn.open:
             return
-        self._waiting.append(data)
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._drain())
-        elif len(self._waiting) >= MAX_WAITING and not self._paused and self.conn.transport is not None:
-            self._paused = True
-            self.conn.transport.pause_reading()
+        self.inbox.put(data)
 
     def on_binary(self, data: bytes) -> None:
         if self.app is not None:
@@ -383,7 +375,7 @@ class PusherSession:
 
     def on_close(self) -> None:
         self._closed = True
-        self._waiting.clear()
+        self.inbox.clear()
         app, hub = self.app, self.hub
         if app is None:
             return
@@ -413,19 +405,6 @@ class PusherSession:
             hub.spawn(self._release(app.id, channels))
 
     # --- messages --------------------------------------------------------------------------------------
-
-    async def _drain(self) -> None:
-        try:
-            while self._waiting and self.conn.open:
-                await self._handle(self._waiting.popleft())
-                if self._paused and len(self._waiting) < MAX_WAITING // 2 and self.conn.transport is not None:
-                    self._paused = False
-                    self.conn.transport.resume_reading()
-        except Exception:
-            log.exception("unexpected error in a pusher session; closing with 1011")
-            self.conn.close(1011, "internal error", reason="internal_error")
-        finally:
-            self._worker = None
 
     async def _handle(self, data: bytes) -> None:
         try:

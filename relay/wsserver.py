@@ -28,9 +28,10 @@ exception in an application is logged with its traceback and closes with
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, cast
 
 from websockets.frames import Frame, Opcode
@@ -290,6 +291,49 @@ class WsConnection(asyncio.Protocol):
             metrics.WS_CONNECTIONS.labels(protocol=self.app_name, role=self.role).dec()
             metrics.WS_CONNECTIONS.labels(protocol=self.app_name, role=role).inc()
         self.role = role
+
+
+class Inbox:
+    """One socket's client messages, handled in order and one at a time.
+
+    The handling task exists only while messages wait (an idle socket costs
+    no task); past ``max_waiting`` queued messages the socket stops being
+    read until half of them are done. An exception from ``handle`` is our
+    bug: logged, and the socket closed with 1011.
+    """
+
+    def __init__(self, conn: WsConnection, handle: Callable[[bytes], Awaitable[None]], max_waiting: int = 16) -> None:
+        self.conn = conn
+        self.handle = handle
+        self.max_waiting = max_waiting
+        self._waiting: collections.deque[bytes] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._paused = False
+
+    def put(self, data: bytes) -> None:
+        self._waiting.append(data)
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._drain())
+        elif len(self._waiting) >= self.max_waiting and not self._paused and self.conn.transport is not None:
+            self._paused = True
+            self.conn.transport.pause_reading()
+
+    def clear(self) -> None:
+        self._waiting.clear()
+
+    async def _drain(self) -> None:
+        conn = self.conn
+        try:
+            while self._waiting and conn.open:
+                await self.handle(self._waiting.popleft())
+                if self._paused and len(self._waiting) < self.max_waiting // 2 and conn.transport is not None:
+                    self._paused = False
+                    conn.transport.resume_reading()
+        except Exception:
+            log.exception("unexpected error in a %s session; closing with 1011", conn.app_name)
+            conn.close(CODE_INTERNAL, "internal error", reason="internal_error")
+        finally:
+            self._worker = None
 
 
 def _close_reason_of(code: int | None) -> str:
