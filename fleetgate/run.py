@@ -230,9 +230,16 @@ def _announce_relay(config: Config, relay: Relay, lines: list[str]) -> None:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     ws_url = config.relay.public_url.rstrip("/") or f"ws://{shown}:{relay.ws_port}"
     lines.append(f"  websocket      {ws_url}/ws   (native protocol, docs/protocol.md)")
+    if relay.pusher is not None and config.pusher.apps:
+        key = config.pusher.apps[0].key
+        lines.append(f"  pusher         {ws_url}/app/{key}   (pusher-js, Laravel Echo, pysher: docs/pusher.md)")
     if relay.rest is not None:
         rest = f"http://{shown}:{relay.rest_port}"
         lines.append(f"  rest           {rest}   (OpenAPI: {rest}/schema, metrics: {rest}/metrics)")
+        if relay.pusher is not None:
+            lines.append(f"  channel auth   {rest}/broadcasting/auth   (Authorization: Bearer <token>)")
+        if relay.links is not None:
+            lines.append(f"  links          {rest}/api/tracking-links   (docs/tracking-links.md)")
     lines.append("  a token for an office dashboard (development secret):")
     lines.append("    fleetgate token --role office --company simulated --user office-1 --ttl 8h")
     lines.append(
