@@ -20,6 +20,7 @@ from gateway.bus.base import Bus, BusError
 from gateway.state.base import StateStore
 from relay.control import Control
 from relay.hub import Hub
+from relay.links.arrival import ArrivalWatch
 from relay.links.channel import LinkChannels
 from relay.links.geocode import Geocoder, open_geocoder
 from relay.links.mail import LogMailer, Mailer, SmtpMailer
@@ -82,6 +83,7 @@ class Relay:
         self.links: LinkService | None = None  # built at start when links are on
         self.speeds: RecentSpeeds | None = None  # recent moving speed per asset (ETAs), fed by the hub
         self.link_channels: LinkChannels | None = None  # private-tracking-link.* on the Pusher protocol
+        self.arrivals: ArrivalWatch | None = None  # ends links on arrival, watched or not
         self._geocoder: Geocoder | None = None
         self._feed: asyncio.Task[None] | None = None
         self.feed_ready = asyncio.Event()
@@ -96,6 +98,10 @@ class Relay:
         self.ws.apps.append(self.native)
         if self.link_settings is not None:
             self.links = self._link_service(self.link_settings, self.hub)
+            self.arrivals = ArrivalWatch(self.links)
+            self.hub.handlers.append(self.arrivals.observe)
+            self.control.add_listener(self.arrivals.on_control)
+            await self.arrivals.start()
         p = self.pusher_settings
         if p.enabled and p.apps:
             state = self.pusher_state or MemoryPusherState(self.instance_id)
@@ -215,6 +221,9 @@ class Relay:
             self._feed.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._feed
+        if self.arrivals is not None:
+            with contextlib.suppress(Exception):
+                await self.arrivals.close()
         if self.rest is not None:
             await self.rest.stop()
         await self._close_links()

@@ -144,11 +144,16 @@ async def test_a_session_of_another_link_is_refused_to_pusher_js(fleet: Fleet) -
 
 
 async def test_reaching_the_destination_expires_the_link_for_pusher_js(fleet: Fleet) -> None:
-    here = fleet.position()  # the vehicle moves at most ~25 m/s: 1 km away stays ahead for a while
-    assert here is not None
-    link = _create(fleet.run, arrival={"lat": here["lat"], "lng": here["lng"], "radius_m": 1000})
+    # Far away first: a link ends on arrival whether or not anyone watches, so the destination is moved
+    # to the vehicle once pusher-js is subscribed.
+    link = _create(fleet.run, arrival={"lat": 0.0, "lng": 0.0, "radius_m": 1000})
     async with viewer(fleet, link, _verify(fleet.run, link)) as js:
         await js.next(of_type("subscribed"))
+        here = fleet.position()  # the vehicle moves at most ~25 m/s: within 1 km for a while
+        assert here is not None
+        destination = {"arrival": {"lat": here["lat"], "lng": here["lng"], "radius_m": 1000}}
+        reply = httpx.patch(f"{fleet.run.rest_url}/api/tracking-links/{link}", json=destination, headers=OFFICE)
+        assert reply.status_code == 200, reply.text
         expired = await js.next(of_type("event", event="link.expired"))  # at the next simulated record
         assert expired["data"] == {"reason": "arrival"}
         assert (await js.next(of_type("error")))["code"] == 4004

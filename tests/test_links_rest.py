@@ -511,14 +511,15 @@ async def test_arrival_expires_the_link(env: Env) -> None:
     link = await env.create(arrival={"lat": 52.52, "lng": 13.405, "radius_m": 300})
     session = await env.session(link["uuid"])
     fix = env.clock.now.timestamp() + 1
-    await env.system.publish([position("truck-7", "acme", lat=52.521, lng=13.405, t=fix)])  # ~110 m away
+    # Into the last positions only: the relay's feed, whose arrival watch would race this poll, never sees it.
+    await env.system.gateway.store.save_last_positions([position("truck-7", "acme", lat=52.521, lng=13.405, t=fix)])
     arrived = await env.poll(link["uuid"], session)
     assert arrived.status_code == 200 and arrived.json()["distance_km"] == pytest.approx(0.11, abs=0.01)
     assert_access_error(await env.poll(link["uuid"], session), 4004)
     assert (await env.client.get(f"{PUBLIC}/{link['uuid']}")).json()["status"] == "expired"
     stored = await env.links.link(link["uuid"])
     assert stored is not None and stored.expired_reason == "arrival"
-    await until(lambda: _true(env.events(link["uuid"]) == ["expired"]))
+    await until(lambda: _true(env.events(link["uuid"]) == ["created", "expired"]))
 
 
 async def test_a_position_from_before_the_link_does_not_count_as_arrival(env: Env) -> None:
@@ -590,7 +591,7 @@ async def test_create_get_list_patch_delete(env: Env) -> None:
         {k: v for k, v in patched.items() if k not in ("status", "public_url") and v is not None},
         model.TrackingLink,
     )
-    assert env.events(uuid) == ["updated"]
+    assert env.events(uuid) == ["created", "updated"]
 
     assert (await env.client.delete(f"/api/tracking-links/{uuid}", headers=ACME)).status_code == 204
     assert_error(await env.client.get(f"/api/tracking-links/{uuid}", headers=ACME), 404, "NotFound")
@@ -607,7 +608,7 @@ async def test_links_are_scoped_to_the_company(env: Env) -> None:
         await env.client.patch(f"/api/tracking-links/{uuid}", headers=GLOBEX, json={"enabled": False}), 404, "NotFound"
     )
     assert_error(await env.client.delete(f"/api/tracking-links/{uuid}", headers=GLOBEX), 404, "NotFound")
-    assert (await env.links.link(uuid)) is not None and env.events(uuid) == []
+    assert (await env.links.link(uuid)) is not None and env.events(uuid) == ["created"]
     listed = (await env.client.get("/api/tracking-links", headers=GLOBEX)).json()["links"]
     assert [link["uuid"] for link in listed] == [globex_link["uuid"]]
     assert_error(await env.client.get("/api/tracking-links?company=acme", headers=GLOBEX), 403, "Forbidden")
@@ -711,7 +712,7 @@ async def test_invalid_patches_are_refused_and_change_nothing(env: Env) -> None:
     ]:
         assert_error(await env.client.patch(url, headers=ACME, json=body), 400, "BadRequest")
     assert (await env.client.get(url, headers=ACME)).json() == {**link, "status": "active"}
-    assert env.events(link["uuid"]) == []
+    assert env.events(link["uuid"]) == ["created"]
 
 
 async def test_an_asset_of_another_company_is_refused(env: Env) -> None:
@@ -729,8 +730,9 @@ async def test_reassigning_the_vehicle_tells_every_instance(env: Env) -> None:
     session = await env.session(link["uuid"])
     response = await env.client.patch(f"/api/tracking-links/{link['uuid']}", headers=ACME, json={"asset_id": "van-3"})
     assert response.json()["asset_id"] == "van-3"
-    await until(lambda: _true(len(env.events(link["uuid"])) == 2))
-    changed, updated = [h for h in env.hints if h.kind == "link_changed"]
+    await until(lambda: _true(len(env.events(link["uuid"])) == 3))
+    created, changed, updated = [h for h in env.hints if h.kind == "link_changed"]
+    assert created.data == {"uuid": link["uuid"], "event": "created", "asset_id": "truck-7"}
     assert changed.data == {
         "uuid": link["uuid"],
         "event": "vehicle_changed",
@@ -748,8 +750,9 @@ async def test_disabling_and_deleting_announce_and_end_sessions(env: Env) -> Non
     uuid = link["uuid"]
     await env.client.patch(f"/api/tracking-links/{uuid}", headers=ACME, json={"enabled": False})
     await env.client.delete(f"/api/tracking-links/{uuid}", headers=ACME)
-    await until(lambda: _true(len(env.events(uuid)) == 3))
+    await until(lambda: _true(len(env.events(uuid)) == 4))
     assert [(h.data["event"], h.data.get("sessions_ended")) for h in env.hints if h.kind == "link_changed"] == [
+        ("created", None),
         ("disabled", True),
         ("updated", True),
         ("deleted", True),
@@ -763,8 +766,8 @@ async def test_tightening_access_ends_the_sessions(env: Env) -> None:
     body = {"access_mode": "authorized_only", "allowed_emails": [JANE]}
     assert (await env.client.patch(f"/api/tracking-links/{link['uuid']}", headers=ACME, json=body)).status_code == 200
     assert_access_error(await env.poll(link["uuid"], session), 4001)
-    await until(lambda: _true(len(env.events(link["uuid"])) == 1))
-    assert [h.data.get("sessions_ended") for h in env.hints if h.kind == "link_changed"] == [True]
+    await until(lambda: _true(len(env.events(link["uuid"])) == 2))
+    assert [h.data.get("sessions_ended") for h in env.hints if h.kind == "link_changed"] == [None, True]
 
 
 async def test_mark_expired_is_idempotent_and_announced(env: Env) -> None:
@@ -774,7 +777,7 @@ async def test_mark_expired_is_idempotent_and_announced(env: Env) -> None:
     expired = await env.links.mark_expired(link, "time")
     assert expired.expired_reason == "time" and env.links.status(expired) == "expired"
     assert await env.links.mark_expired(link, "arrival") == expired  # already marked: as stored
-    await until(lambda: _true(env.events(link.uuid) == ["expired"]))
+    await until(lambda: _true(env.events(link.uuid) == ["created", "expired"]))
     with pytest.raises(ValueError):
         await env.links.mark_expired(link, "boredom")
 

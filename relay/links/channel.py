@@ -36,8 +36,9 @@ Positions: a hub record handler takes records of the assets shown by links with 
 the link's company only. Per link only the latest pending record is kept and at most
 ``messages_per_s`` go out: coalesced, never queued. Each is made public by
 :func:`relay.links.model.public_location` (the address from the geocoder, awaited off the record
-handler), encoded once, and its frame pushed to every viewer. A record within the arrival radius ends
-the link (:meth:`LinkService.mark_expired`), whose hint closes the viewers on every instance.
+handler), encoded once, and its frame pushed to every viewer. Arrival is not checked here but by
+:class:`relay.links.arrival.ArrivalWatch`, for every link, watched or not: its ``expired`` hint closes
+the viewers on every instance.
 
 What a viewer receives is built here from :class:`~relay.links.model.PublicLocation` or from the
 literal fields above: no id but the link's own uuid, which is in the channel name already.
@@ -104,6 +105,10 @@ _ENDED: dict[str, Close] = {
 
 _encode = msgspec.json.Encoder().encode
 
+# Events of HINT_CHANGED that need nothing here: nobody watches a link that did not exist. Any other event,
+# one added later included, makes a watched link reload from the store.
+_NOTHING_TO_VIEWERS = frozenset({"created"})
+
 
 class Grant(msgspec.Struct, frozen=True, gc=False):
     """The session a socket was authorised with for one link."""
@@ -126,7 +131,6 @@ class WatchedLink:
     pump: asyncio.Task[None] | None = None
     timer: asyncio.TimerHandle | None = None
     deadline: datetime | None = None  # the boundary the timer is armed for
-    arriving: bool = False  # mark_expired(arrival) in flight
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one link change at a time
 
     @property
@@ -427,6 +431,8 @@ class LinkChannels:
             self._on_grant(message.data)
         elif message.kind == HINT_CHANGED:
             link_uuid, event = str(message.data.get("uuid")), str(message.data.get("event"))
+            if event in _NOTHING_TO_VIEWERS:
+                return
             ended = bool(message.data.get("sessions_ended"))
             if link_uuid in self.watched:
                 self._spawn(self._changed(link_uuid, event, ended))
@@ -506,10 +512,6 @@ class LinkChannels:
                 watched.pending = record
             if watched.pump is None:
                 watched.pump = self._spawn(self._pump(watched))
-            # As polling does: only positions since the link was made count (not a stale one at the depot).
-            if not watched.arriving and record.fix_time >= link.created_at and model.arrived(link, record):
-                watched.arriving = True
-                self._spawn(self._arrive(watched))
 
     async def _pump(self, watched: WatchedLink) -> None:
         """Send the latest pending record, at most one per ``interval``, until none is pending."""
@@ -552,19 +554,6 @@ class LinkChannels:
         except Exception as exc:  # the viewer gets the next live position instead
             log.warning("tracking link: no current position for a new viewer (%s)", exc)
             return None
-
-    async def _arrive(self, watched: WatchedLink) -> None:
-        """The vehicle reached the destination: end the link (the service's hint closes the viewers everywhere)."""
-        try:
-            link = await self.service.mark_expired(watched.link, "arrival")
-        except Exception:
-            watched.arriving = False
-            log.exception("tracking link: arrival not recorded")
-            return
-        async with watched.lock:  # also here at once, should the hint not come back
-            if self.watched.get(link.uuid) is watched:
-                self._replace(watched, link)
-                self._evaluate(watched)
 
     # --- delivery --------------------------------------------------------------------------------------
 

@@ -6,11 +6,15 @@ then announced to every relay instance (this one included) as a control hint::
 
     ControlMessage(kind="link_changed", data={"uuid": ..., "event": E, "asset_id": <current asset>, ...})
 
-``E`` is ``disabled`` (enabled -> false), ``vehicle_changed`` (asset reassigned; the data also
-carries ``previous_asset_id``), ``deleted``, ``expired`` (:meth:`LinkService.mark_expired`) or
-``updated``. Every PATCH publishes ``updated`` last, after ``disabled`` / ``vehicle_changed`` when
-they apply. When a change ended the link's sessions (disable, delete, a change of ``access_mode``
-or ``allowed_emails``) the data carries ``"sessions_ended": true``: connected viewers must go.
+``E`` is ``created``, ``disabled`` (enabled -> false), ``vehicle_changed`` (asset reassigned; the
+data also carries ``previous_asset_id``), ``deleted``, ``expired`` (:meth:`LinkService.mark_expired`)
+or ``updated``; a listener treats an event it does not know as "the link changed: read it again".
+Every PATCH publishes ``updated`` last, after ``disabled`` / ``vehicle_changed`` when they apply;
+a ``created`` hint that cannot be sent is logged, not raised (the link is stored: a retried POST
+would make a second one): arrival indexes (:mod:`relay.links.arrival`) find the link when their
+entry for the asset is next refreshed. When a change ended the link's sessions (disable, delete, a
+change of ``access_mode`` or ``allowed_emails``) the data carries ``"sessions_ended": true``:
+connected viewers must go.
 
 The public flow: :meth:`LinkService.info` (access mode, status, display name, next schedule
 change), :meth:`LinkService.verify` by access mode, :meth:`LinkService.poll` (the polling fallback):
@@ -66,7 +70,7 @@ from msgspec import UNSET, UnsetType
 
 from gateway.records import TrackedPosition
 from gateway.state.base import StateStore
-from relay.control import Control, ControlMessage
+from relay.control import Control, ControlError, ControlMessage
 from relay.links import model
 from relay.links.geocode import Geocoder
 from relay.links.mail import Mailer, MailError
@@ -500,8 +504,8 @@ class LinkService:
     async def poll(self, uuid: str, token: str) -> PublicLocation | None:
         """The polling fallback: the payload of the WebSocket event, or None before the first position.
 
-        A position within the arrival radius (fixed after the link was created) expires the link,
-        as on the WebSocket side; this answer still carries it, the next one is 4004.
+        A position within the arrival radius (fixed after the link was created) expires the link, as
+        :mod:`relay.links.arrival` does for every record; this answer still carries it, the next one is 4004.
         """
         if not _TOKEN.fullmatch(token):
             raise _invalid_session()
@@ -550,6 +554,10 @@ class LinkService:
         await self._check_asset(link)
         await self.store.put_link(link)
         log.info("tracking link %s created for company %s", link.uuid, company)
+        try:  # the arrival index of every instance may hold the asset as one without links
+            await self._announce(link, "created")
+        except ControlError as exc:
+            log.warning("tracking link %s: the created hint was not sent (%s)", link.uuid, exc)
         return link
 
     async def update(self, link: TrackingLink, patch: LinkPatch) -> TrackingLink:
