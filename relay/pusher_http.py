@@ -60,7 +60,7 @@ from gateway.state.base import StateStore
 from relay import metrics as relay_metrics
 from relay import pusher_channels as wire
 from relay.control import Control
-from relay.links.service import LinkAccessError
+from relay.links.api import LinkAccessError
 from relay.pusher_auth import RequestAuthError, channel_auth, verify_request
 from relay.settings import PusherAppSettings
 from relay.tokens import Claims, TokenError, TokenVerifier

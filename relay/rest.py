@@ -76,9 +76,10 @@ from gateway.records import Device
 from gateway.state.base import StateStore
 from relay import metrics as relay_metrics
 from relay.control import Control, ControlError
+from relay.links.api import LinkAccessError, LinkRequestError
 from relay.links.mail import MailError
 from relay.links.rest import link_routes
-from relay.links.service import LinkAccessError, LinkRequestError, LinkService  # at run time, as PusherHub
+from relay.links.service import LinkService  # at run time, as PusherHub
 from relay.links.store import LinkStoreError
 from relay.pusher import PusherHub  # at run time: Litestar resolves RestContext's annotations per request
 from relay.pusher_http import pusher_routes

@@ -48,16 +48,9 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay import metrics as relay_metrics
+from relay.links.api import CodeSent, LinkAccessError, LinkPatch, NewLink, PublicInfo, SessionGrant
 from relay.links.model import AccessMode, Arrival, ExpiredReason, Schedule, Status, TrackingLink
-from relay.links.service import (
-    CodeSent,
-    LinkAccessError,
-    LinkPatch,
-    LinkService,
-    NewLink,
-    PublicInfo,
-    SessionGrant,
-)
+from relay.links.service import LinkService
 from relay.tokens import Claims, TokenError, TokenVerifier
 
 if TYPE_CHECKING:

@@ -63,25 +63,22 @@ import re
 import uuid as uuid_module
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, ClassVar
+from typing import Any
 
 import msgspec
-from msgspec import UNSET, UnsetType
 
 from gateway.records import TrackedPosition
 from gateway.state.base import StateStore
 from relay.control import Control, ControlError, ControlMessage
-from relay.links import model
+from relay.links import api, model
+from relay.links.api import CodeSent, LinkAccessError, LinkPatch, LinkRequestError, NewLink, PublicInfo, SessionGrant
 from relay.links.geocode import Geocoder
 from relay.links.mail import Mailer, MailError
 from relay.links.model import (
-    AccessMode,
-    Arrival,
     EmailCode,
     ExpiredReason,
     LinkSession,
     PublicLocation,
-    Schedule,
     Status,
     TrackingLink,
 )
@@ -107,15 +104,9 @@ log = logging.getLogger(__name__)
 
 LINK_CHANGED = "link_changed"  # the control message kind
 RATE_WINDOW_S = 60.0  # the public limits are per minute
-MIN_SESSION_TTL_S = 60
-MAX_SESSION_TTL_S = 7 * 24 * 3600
-MAX_ALLOWED_EMAILS = 1000
-MAX_WINDOWS = 50
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{43,128}")
-# A soft syntax check: one @, a dot in the domain, no spaces or control characters, at most 254 characters.
-_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f.]+")
 _CODE = re.compile(r"[0-9]{6}")
 
 
@@ -126,144 +117,6 @@ def _utc_now() -> datetime:
 def channel_name(link_uuid: str) -> str:
     """The Pusher channel a link's viewers subscribe to."""
     return f"private-tracking-link.{link_uuid}"
-
-
-# -- errors ----------------------------------------------------------------------------------------
-
-
-class LinkAccessError(Exception):
-    """A viewer may not (or no longer) see a link; see the module docstring for the codes."""
-
-    _KINDS: ClassVar[dict[int, tuple[int, str]]] = {
-        4001: (401, "InvalidSession"),
-        4002: (401, "SessionExpired"),
-        4003: (404, "LinkNotFound"),
-        4004: (403, "LinkInactive"),
-        4005: (403, "OutsideSchedule"),
-    }
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.status, self.error = self._KINDS[code]
-        self.message = message
-
-    @property
-    def reason(self) -> str:
-        return self.error
-
-
-def _invalid_session() -> LinkAccessError:
-    return LinkAccessError(4001, "the session token is not valid for this link; verify again")
-
-
-def _not_found() -> LinkAccessError:
-    return LinkAccessError(4003, "no such tracking link")
-
-
-_INACTIVE: dict[Status, tuple[int, str]] = {
-    "disabled": (4004, "this tracking link has been disabled"),
-    "expired": (4004, "this tracking link has expired"),
-    "outside_schedule": (4005, "this tracking link shows nothing at this time; come back later"),
-}
-
-
-class LinkRequestError(Exception):
-    """A request refused for its content (not for who sent it)."""
-
-    def __init__(self, status: int, error: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error = error
-        self.message = message
-
-    @property
-    def reason(self) -> str:
-        return self.error
-
-
-def _bad_request(message: str) -> LinkRequestError:
-    return LinkRequestError(400, "BadRequest", message)
-
-
-_INVALID_CODE = "the code is wrong, used up or expired; ask for a new one"
-
-
-# -- management input ------------------------------------------------------------------------------
-
-_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-_Email = Annotated[str, msgspec.Meta(max_length=254)]
-_Emails = Annotated[list[_Email], msgspec.Meta(max_length=MAX_ALLOWED_EMAILS)]
-_Aware = Annotated[datetime, msgspec.Meta(tz=True)]
-_Ttl = Annotated[int, msgspec.Meta(ge=MIN_SESSION_TTL_S, le=MAX_SESSION_TTL_S)]
-
-
-class _Body(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Client input: unknown fields are an error, not silently dropped."""
-
-
-class NewLink(_Body, frozen=True, kw_only=True):
-    """``POST /api/tracking-links``. ``company_id``: only a platform admin (company ``*``) names one."""
-
-    asset_id: _Id
-    display_name: _Name
-    company_id: _Id | None = None
-    job_id: _Id | None = None
-    access_mode: AccessMode = "public"
-    allowed_emails: _Emails = msgspec.field(default_factory=list)
-    expires_at: _Aware | None = None
-    arrival: Arrival | None = None
-    schedule: Schedule | None = None
-    session_ttl_s: _Ttl = model.DEFAULT_SESSION_TTL_S
-    enabled: bool = True
-
-
-class LinkPatch(_Body, frozen=True, kw_only=True):
-    """``PATCH /api/tracking-links/{uuid}``: only the fields present change (null clears an optional one)."""
-
-    asset_id: _Id | UnsetType = UNSET
-    display_name: _Name | UnsetType = UNSET
-    job_id: _Id | UnsetType | None = UNSET
-    access_mode: AccessMode | UnsetType = UNSET
-    allowed_emails: _Emails | UnsetType = UNSET
-    expires_at: _Aware | UnsetType | None = UNSET
-    arrival: Arrival | UnsetType | None = UNSET
-    schedule: Schedule | UnsetType | None = UNSET
-    session_ttl_s: _Ttl | UnsetType = UNSET
-    enabled: bool | UnsetType = UNSET
-
-
-# -- public output ---------------------------------------------------------------------------------
-
-
-class PublicInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """What anyone with the link's uuid learns: how to get in, whether there is anything to see, its name.
-
-    ``next_change``: when the link has a schedule and is not disabled or expired, the next instant
-    at which it starts or stops showing the vehicle (it tells a viewer when to come back).
-    """
-
-    access_mode: AccessMode
-    status: Status
-    display_name: str
-    next_change: datetime | None = None
-
-
-class SessionGrant(msgspec.Struct, frozen=True, kw_only=True):
-    """A successful verification: connect to ``{ws_url}/app/{app_key}`` and subscribe to ``channel``."""
-
-    session_token: str
-    expires_at: datetime
-    channel: str
-    ws_url: str
-    app_key: str
-
-
-class CodeSent(msgspec.Struct, frozen=True, kw_only=True):
-    """Step 1 of ``email_code`` / ``authorized_only``: the same answer whether or not a mail went out."""
-
-    code_sent: bool = True
 
 
 # -- the service -----------------------------------------------------------------------------------
@@ -356,26 +209,26 @@ class LinkService:
         if session is None:
             if link_uuid is not None:
                 await self._explain_missing_session(link_uuid)
-            raise _invalid_session()
+            raise api.invalid_session()
         if link_uuid is not None and session.link_uuid != link_uuid.lower():
-            raise _invalid_session()
+            raise api.invalid_session()
         if session.expires_at <= self.clock():
             raise LinkAccessError(4002, "the session has expired; verify again")
         link = await self.store.get_link(session.link_uuid)
         if link is None:
-            raise _not_found()
+            raise api.not_found()
         self._require_active(link)
         return session, link
 
     async def _explain_missing_session(self, link_uuid: str) -> None:
         link = await self.link(link_uuid)
         if link is None:
-            raise _not_found()
+            raise api.not_found()
         if self.status(link) in ("disabled", "expired"):
             self._require_active(link)
 
     def _require_active(self, link: TrackingLink) -> None:
-        inactive = _INACTIVE.get(self.status(link))
+        inactive = api.INACTIVE.get(self.status(link))
         if inactive is not None:
             raise LinkAccessError(*inactive)
 
@@ -397,7 +250,7 @@ class LinkService:
     async def info(self, uuid: str) -> PublicInfo:
         link = await self.link(uuid)
         if link is None:
-            raise _not_found()
+            raise api.not_found()
         now = self.clock()
         status = model.link_status(link, now)
         next_change = None
@@ -418,24 +271,24 @@ class LinkService:
         """Step 1 or 2 of the link's access mode (see the module docstring); call :meth:`limit_verify` first."""
         link = await self.link(uuid)
         if link is None:
-            raise _not_found()
+            raise api.not_found()
         self._require_active(link)
         return await self._verifiers[link.access_mode](link, email, code)
 
     async def _verify_public(self, link: TrackingLink, email: str | None, code: str | None) -> SessionGrant:
         if email is not None or code is not None:
-            raise _bad_request("this link is public: send an empty body")
+            raise api.bad_request("this link is public: send an empty body")
         return await self._open_session(link, None)
 
     async def _verify_email(self, link: TrackingLink, email: str | None, code: str | None) -> SessionGrant:
         if code is not None:
-            raise _bad_request('this link asks for an e-mail address only: send {"email"}')
-        return await self._open_session(link, _checked_email(email))
+            raise api.bad_request('this link asks for an e-mail address only: send {"email"}')
+        return await self._open_session(link, api.checked_email(email))
 
     async def _verify_email_code(
         self, link: TrackingLink, email: str | None, code: str | None
     ) -> SessionGrant | CodeSent:
-        address = _checked_email(email)
+        address = api.checked_email(email)
         if code is None:
             await self._send_code(link, address)  # anyone may ask: awaited, so a mail failure answers 503
             return CodeSent()
@@ -444,7 +297,7 @@ class LinkService:
     async def _verify_authorized(
         self, link: TrackingLink, email: str | None, code: str | None
     ) -> SessionGrant | CodeSent:
-        address = _checked_email(email)
+        address = api.checked_email(email)
         if code is None:
             # The same answer, as fast, for every address: the list cannot be probed. Only a listed
             # address gets a code, created and mailed after the answer.
@@ -462,9 +315,9 @@ class LinkService:
 
     async def _redeem(self, link: TrackingLink, email: str, code: str) -> SessionGrant:
         if not _CODE.fullmatch(code):
-            raise _bad_request("code must be the 6 digits from the mail")
+            raise api.bad_request("code must be the 6 digits from the mail")
         if not await self._code_matches(link, email, code):
-            raise LinkRequestError(403, "InvalidCode", _INVALID_CODE)
+            raise LinkRequestError(403, "InvalidCode", api.INVALID_CODE)
         return await self._open_session(link, email)
 
     async def _code_matches(self, link: TrackingLink, email: str, code: str) -> bool:
@@ -508,7 +361,7 @@ class LinkService:
         :mod:`relay.links.arrival` does for every record; this answer still carries it, the next one is 4004.
         """
         if not _TOKEN.fullmatch(token):
-            raise _invalid_session()
+            raise api.invalid_session()
         key = f"poll:{model.token_hash(token)}"
         await enforce(self.limiter, key, self.settings.poll_per_minute_per_session, RATE_WINDOW_S)
         _, link = await self.session_for(token, uuid)
@@ -537,10 +390,10 @@ class LinkService:
         link = TrackingLink(
             uuid=str(uuid_module.uuid4()),
             company_id=company,
-            asset_id=_checked_text(body.asset_id, "asset_id"),
-            display_name=_checked_text(body.display_name, "display_name"),
+            asset_id=api.checked_text(body.asset_id, "asset_id"),
+            display_name=api.checked_text(body.display_name, "display_name"),
             access_mode=body.access_mode,
-            allowed_emails=_checked_emails(body.allowed_emails),
+            allowed_emails=api.checked_emails(body.allowed_emails),
             job_id=body.job_id,
             expires_at=body.expires_at,
             arrival=body.arrival,
@@ -550,7 +403,7 @@ class LinkService:
             created_at=now,
             updated_at=now,
         )
-        _check_link(link, now, new_expiry=True)
+        api.check_link(link, now, new_expiry=True)
         await self._check_asset(link)
         await self.store.put_link(link)
         log.info("tracking link %s created for company %s", link.uuid, company)
@@ -563,13 +416,13 @@ class LinkService:
     async def update(self, link: TrackingLink, patch: LinkPatch) -> TrackingLink:
         """Apply ``patch``, store, end sessions when access was disabled or changed, and tell every instance."""
         now = self.clock()
-        changes = _changes(patch)
+        changes = api.changes_of(patch)
         # Moving the expiry (or the destination) revives a link that expired by it.
         revived_by = {"time": "expires_at", "arrival": "arrival"}.get(link.expired_reason or "")
         if revived_by in changes:
             changes.update(expired_at=None, expired_reason=None)
         updated = msgspec.structs.replace(link, **changes, updated_at=now)
-        _check_link(updated, now, new_expiry="expires_at" in changes)
+        api.check_link(updated, now, new_expiry="expires_at" in changes)
         if updated.asset_id != link.asset_id:
             await self._check_asset(updated)
         await self.store.put_link(updated)
@@ -616,7 +469,7 @@ class LinkService:
         """
         last = await self.positions.last_position(link.asset_id)
         if last is not None and last.company_id != link.company_id:
-            raise _bad_request("asset_id is not an asset of this company")
+            raise api.bad_request("asset_id is not an asset of this company")
 
     async def _announce(self, link: TrackingLink, event: str, **extra: Any) -> None:
         data = {"uuid": link.uuid, "event": event, "asset_id": link.asset_id, **extra}
@@ -644,61 +497,3 @@ class LinkService:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
             for task in pending:
                 task.cancel()
-
-
-# -- validation --------------------------------------------------------------------------------------
-
-
-def _checked_text(value: str, name: str) -> str:
-    value = value.strip()
-    if not value:
-        raise _bad_request(f"{name} must not be blank")
-    return value
-
-
-def _checked_email(email: str | None) -> str:
-    if email is None:
-        raise _bad_request('this link asks for an e-mail address: send {"email": ...}')
-    address = model.normalise_email(email)
-    if len(address) > 254 or not _EMAIL.fullmatch(address):
-        raise _bad_request("email is not a valid e-mail address")
-    return address
-
-
-def _checked_emails(emails: list[str]) -> tuple[str, ...]:
-    """Lower-cased, stripped, each checked, duplicates dropped (first kept)."""
-    return tuple(dict.fromkeys(_checked_email(e) for e in emails))
-
-
-def _changes(patch: LinkPatch) -> dict[str, Any]:
-    changes = {name: getattr(patch, name) for name in patch.__struct_fields__ if getattr(patch, name) is not UNSET}
-    for name in ("asset_id", "display_name"):
-        if name in changes:
-            changes[name] = _checked_text(changes[name], name)
-    if "allowed_emails" in changes:
-        changes["allowed_emails"] = _checked_emails(changes["allowed_emails"])
-    return changes
-
-
-def _check_link(link: TrackingLink, now: datetime, *, new_expiry: bool) -> None:
-    """Rules a link must satisfy after every create and update (the struct types check the rest)."""
-    if link.access_mode == "authorized_only" and not link.allowed_emails:
-        raise _bad_request("access_mode authorized_only needs a non-empty allowed_emails list")
-    if new_expiry and link.expires_at is not None and link.expires_at <= now:
-        raise _bad_request("expires_at must be in the future")
-    if link.schedule is not None:
-        _check_schedule(link.schedule)
-
-
-def _check_schedule(schedule: Schedule) -> None:
-    try:
-        model.zone(schedule.timezone)
-    except ValueError:
-        raise _bad_request(f"schedule.timezone: unknown time zone {schedule.timezone[:64]!r}") from None
-    if not 1 <= len(schedule.windows) <= MAX_WINDOWS:
-        raise _bad_request(f"schedule.windows must hold 1 to {MAX_WINDOWS} windows")
-    for window in schedule.windows:
-        if not window.days:
-            raise _bad_request("every schedule window needs at least one day (0 = Monday ... 6 = Sunday)")
-        if not window.start < window.end:  # "HH:MM" strings order as times; "24:00" is the latest
-            raise _bad_request(f"schedule window {window.start}-{window.end}: start must be before end")
