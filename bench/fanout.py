@@ -3,7 +3,7 @@
 Every server runs in a *child process* (uvloop, compression off, the GC tuned
 as ``fleetgate run`` tunes it); subscribers live in two client processes that
 speak just enough RFC 6455 (handshake, masked client frames, pong) to stay
-cheap, and count or time the frames they read.
+cheap, and count or time the frames they read (``bench/wsclient.py``).
 
 * ``fanout``: N office subscribers (``subscribe all`` on one company) on the
   real ``Relay`` (MemoryBus + SQLite store); the server publishes records onto
@@ -22,6 +22,18 @@ cheap, and count or time the frames they read.
 * ``idle_rss_kib_per_subscriber``: server VmRSS after N authenticated,
   subscribed, idle connections minus VmRSS before (after a warm-up of a few
   connections), / N, for the largest N.
+* ``pusher``: N Pusher-protocol subscribers (``/app/{key}?protocol=7``, a
+  signed ``pusher:subscribe`` to ``private-account.{company}``), the same rounds:
+  ``records``: the relay's records published onto the bus, batched per
+  ``[pusher] batch_window_ms`` into ``location.updated`` events (units: records
+  inside the events); ``events``: events of ~400 bytes of data, triggered by a
+  publisher process through the signed HTTP API (``POST /apps/{id}/events``,
+  keep-alive) or, to show what HTTP costs, by the relay process itself. The
+  references: a ``serve()`` server speaking just enough Pusher that
+  broadcasts the same frames (records: batched the same way; events: one
+  broadcast each, generated in-process, no HTTP), and soketi (when ``node``
+  is on PATH; ``npm ci`` in ``bench/soketi`` on first use) under the same
+  HTTP API load.
 * ``latency``: ``fleetgate run`` wiring in one child (Gateway + Relay on one
   MemoryBus and SQLite store, devices registered first), simulated Teltonika
   devices (``gateway.simulator``, own process) sending one record per packet
@@ -31,6 +43,7 @@ cheap, and count or time the frames they read.
   simulator's ``fix_time`` is on a whole-second grid, not the send time).
 
     python bench/fanout.py [--subscribers 1000,10000] [--batches 1,20] [--seconds 3]
+                           [--pusher-subscribers 1000] [--no-soketi]
                            [--latency-devices 2000] [--latency-subscribers 2000] [--latency-seconds 20] [--quick]
 """
 
@@ -38,46 +51,77 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import platform
 import resource
 import signal
-import struct
 import sys
 import tempfile
 import time
 from array import array
-from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "codecs"), str(ROOT)]
 
 import msgspec  # noqa: E402
 
+from bench.soketi_peer import SoketiPeer  # noqa: E402
+from bench.wsclient import (  # noqa: E402
+    ALL_SHARE,
+    COMPANY,
+    DEVICES_PER_COMPANY,
+    SECRET,
+    Child,
+    clients_main,
+    close,
+    commands,
+    connect,
+    cpu_seconds,
+    die_with_parent,
+    fleet_of,
+    ms,
+    progress,
+    publisher_main,
+    rounds_run,
+    rss_bytes,
+    say,
+)
 from gateway.records import TrackedPosition, record_id  # noqa: E402
 from gateway.simulator import DEFAULT_IMEI_BASE, imei_for  # noqa: E402
 from relay.native import native_location  # noqa: E402
 
-SECRET = "fanout-bench-secret-of-at-least-32-bytes"
-COMPANY = "acme"
-DEVICES_PER_COMPANY = 100
-ALL_SHARE = 10  # latency run: one subscriber in ALL_SHARE of a company watches all of it
-INFLIGHT_ROUNDS = 3
-ROUND_RECORDS_MAX = 200  # with INFLIGHT_ROUNDS, at most ~200 KB queued toward a socket (the relay drops at 1 MiB)
+Child.script = str(Path(__file__).resolve())
+ROUND_RECORDS_MAX = 200  # 3 rounds in flight (INFLIGHT_ROUNDS): at most ~200 KB queued toward a socket (1 MiB drops)
 WARM_CONNECTIONS = 40
 POOL = 30_000  # records built before the server reports ready (more are built on demand, inside the window)
-LOCATION = b'{"type":"location"'
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _encode = msgspec.json.Encoder().encode
 
+# The Pusher runs: one app, with an explicit secret, on the relay, the reference and soketi alike.
+PUSHER_APP_ID, PUSHER_KEY, PUSHER_SECRET = "4242", "fanout-bench-key", "fanout-bench-pusher-secret"
+PUSHER_CHANNEL = f"private-account.{COMPANY}"
+PUSHER_EVENT = "bench.notice"
+# Up to ~330 KB queued toward a socket (200 records of ~550 escaped bytes, 3 rounds in flight; 1 MiB drops).
+PUSHER_RECORDS_PER_ROUND = 200
+PUSHER_PUBLISH_BATCH = 20  # records per event-loop turn, as a busy bus feed hands them over
+PUSHER_WARM_EVENTS = 10
+HTTP_CONNECTIONS = 4  # keep-alive connections of the HTTP API publisher
+
+
+def _event_data(size: int = 400) -> str:
+    """The data of a triggered event: a JSON object of ``size`` bytes, as a string (what the HTTP API takes)."""
+    notice = {"type": "geofence.entered", "assetId": "van-0042", "companyId": COMPANY, "geofence": "depot-north",
+              "at": "2025-01-01T12:00:00Z", "lat": 54.6872, "lng": 25.2797, "note": ""}  # fmt: skip
+    notice["note"] = "x" * max(0, size - len(_encode(notice)))
+    return _encode(notice).decode()
+
+
+PUSHER_EVENT_DATA = _event_data()
 
 VANS = [imei_for("35630704200000", van) for van in range(1000)]
 
@@ -95,55 +139,32 @@ def fleet_record(n: int, start: datetime) -> TrackedPosition:
 
 
 # --------------------------------------------------------------------------
-# Children: print one JSON line {"pid", ...}, then obey JSON commands on stdin.
-
-
-def _say(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
-def _commands() -> asyncio.Queue[dict[str, Any] | None]:
-    """Command lines from stdin; None at end of input (the parent closed it or died)."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-    partial = b""
-
-    def readable() -> None:
-        nonlocal partial
-        chunk = os.read(0, 65536)
-        if not chunk:
-            loop.remove_reader(0)
-            queue.put_nowait(None)
-            return
-        *lines, partial = (partial + chunk).split(b"\n")
-        for line in lines:
-            queue.put_nowait(json.loads(line))
-
-    loop.add_reader(0, readable)
-    return queue
+# Children (bench/wsclient.py has the client side and the plumbing).
 
 
 def child_main(args: argparse.Namespace) -> None:
-    with contextlib.suppress(Exception):  # die with the parent, even if it is SIGKILLed (Linux)
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    die_with_parent()
     import uvloop
 
     uvloop.install()
-    main = {"clients": _clients, "simulate": _simulate}.get(args.child, _serve)
-    asyncio.run(main(args))
+    if args.child == "clients":
+        asyncio.run(clients_main())
+    elif args.child == "publish-http":
+        asyncio.run(publisher_main(json.loads(args.spec)))
+    else:
+        asyncio.run((_simulate if args.child == "simulate" else _serve)(args))
 
 
 class RelayTarget:
     """The real relay, as ``fleetgate run`` builds it (no gateway: this process publishes onto the bus).
 
     ``flush_interval_ms`` None keeps the configured default; 0 writes at the end of every event-loop turn.
+    ``pusher``: with the bench's Pusher app (explicit secret) and the REST service (its HTTP API).
     """
 
-    def __init__(self, flush_interval_ms: float | None = None) -> None:
+    def __init__(self, flush_interval_ms: float | None = None, *, pusher: bool = False) -> None:
         self.flush_interval_ms = flush_interval_ms
+        self.pusher = pusher
 
     async def start(self, work: Path) -> None:
         from gateway.bus.memory import MemoryBus
@@ -151,29 +172,45 @@ class RelayTarget:
         from gateway.state.sqlite import SqliteStateStore
         from relay.control import open_control
         from relay.service import Relay
-        from relay.settings import AuthSettings, RelaySettings
+        from relay.settings import AuthSettings, PusherAppSettings, PusherSettings, RelaySettings
 
         overrides: dict[str, Any] = {"host": "127.0.0.1", "ws_port": 0, "rest_port": 0}
         overrides["max_connections_per_company"] = 1_000_000
         if self.flush_interval_ms is not None:
             overrides["flush_interval_ms"] = self.flush_interval_ms
         settings = msgspec.convert(overrides, RelaySettings)
+        app = PusherAppSettings(id=PUSHER_APP_ID, key=PUSHER_KEY, secret=PUSHER_SECRET, max_connections=1_000_000)
         self.bus = MemoryBus(BusSettings())
         self.store = SqliteStateStore(StateSettings(sqlite_path=str(work / "relay.sqlite")))
         control = open_control("memory", "", "fleetgate")
-        self.relay = Relay(settings, AuthSettings(secret=SECRET), self.bus, self.store, control, rest=False)
+        self.relay = Relay(
+            settings, AuthSettings(secret=SECRET), self.bus, self.store, control,
+            rest=self.pusher, pusher=PusherSettings(apps=[app]) if self.pusher else None,
+        )  # fmt: skip
         await self.relay.start()
         await self.relay.feed_ready.wait()
         self.port = self.relay.ws_port
 
+    def hello(self) -> dict[str, Any]:
+        if not self.pusher:
+            return {"port": self.port}
+        window = self.relay.pusher_settings.batch_window_ms
+        return {"port": self.port, "rest_port": self.relay.rest_port, "batch_window_ms": window}
+
     async def publish(self, batch: Sequence[TrackedPosition]) -> None:
         await self.bus.publish(batch)
+
+    async def trigger(self) -> None:
+        """One event as the HTTP API triggers it, without the HTTP request."""
+        assert self.relay.pusher is not None
+        await self.relay.pusher.trigger(PUSHER_APP_ID, [PUSHER_CHANNEL], PUSHER_EVENT, PUSHER_EVENT_DATA)
 
     def stats(self) -> dict[str, Any]:
         from gateway.metrics import REGISTRY
 
         assert self.relay.ws is not None
-        slow = REGISTRY.get_sample_value("fleetgate_slow_consumer_disconnects_total", {"protocol": "native"})
+        protocol = "pusher" if self.pusher else "native"
+        slow = REGISTRY.get_sample_value("fleetgate_slow_consumer_disconnects_total", {"protocol": protocol})
         return {"connections": len(self.relay.ws.connections), "slow_consumer_disconnects": slow or 0}
 
     async def stop(self) -> None:
@@ -211,6 +248,9 @@ class WebsocketsTarget:
         self.server = await serve(handler, "127.0.0.1", 0, compression=None, max_size=16 * 1024, backlog=4096)
         self.port = next(iter(self.server.sockets)).getsockname()[1]
 
+    def hello(self) -> dict[str, Any]:
+        return {"port": self.port}
+
     async def publish(self, batch: Sequence[TrackedPosition]) -> None:
         from websockets.asyncio.server import broadcast
 
@@ -222,6 +262,77 @@ class WebsocketsTarget:
 
     async def stop(self) -> None:
         self.server.close()
+
+
+class WebsocketsPusherTarget(WebsocketsTarget):
+    """The Pusher reference: ``serve()`` speaking just enough Pusher (``connection_established``, a signed
+    ``pusher:subscribe`` checked as the relay checks it, ``pusher:ping``), and ``websockets.broadcast`` once
+    per event frame. Records: batched per ``[pusher] batch_window_ms`` into the relay's ``location.updated``
+    frames (``relay.pusher_channels``); triggered events: one broadcast each, encoded once."""
+
+    async def start(self, work: Path) -> None:
+        import secrets
+
+        from websockets.asyncio.server import ServerConnection, serve
+        from websockets.exceptions import ConnectionClosed
+
+        from relay import pusher_channels as wire
+        from relay.settings import PusherSettings
+
+        settings = PusherSettings()
+        self.window_s, self.max_message = settings.batch_window_ms / 1000, settings.max_message
+        self.items: list[bytes] = []
+        self.subscribers: set[ServerConnection] = set()
+
+        async def handler(ws: ServerConnection) -> None:
+            socket_id = f"{secrets.randbelow(10**10)}.{secrets.randbelow(10**10)}"
+            try:
+                await ws.send(wire.connection_established(socket_id, settings.activity_timeout_s).decode())
+                async for message in ws:
+                    request = wire.decode_message(message)
+                    if request.event == "pusher:subscribe":
+                        subscribe = wire.decode_subscribe(request.data)
+                        try:
+                            wire.authorise(subscribe, PUSHER_KEY, PUSHER_SECRET, socket_id)
+                        except wire.SubscriptionRefused as refused:
+                            error = wire.subscription_error(subscribe.channel, refused.kind, refused.message, 401)
+                            await ws.send(error.decode())
+                            continue
+                        self.subscribers.add(ws)
+                        await ws.send(wire.subscription_succeeded(subscribe.channel).decode())
+                    elif request.event == "pusher:ping":
+                        await ws.send(wire.PONG.decode())
+            except ConnectionClosed:
+                pass
+            finally:
+                self.subscribers.discard(ws)
+
+        self.server = await serve(handler, "127.0.0.1", 0, compression=None, max_size=16 * 1024, backlog=4096)
+        self.port = next(iter(self.server.sockets)).getsockname()[1]
+
+    async def publish(self, batch: Sequence[TrackedPosition]) -> None:
+        from relay.pusher_channels import location_update
+
+        if not self.items:
+            asyncio.get_running_loop().call_later(self.window_s, self._flush)
+        self.items += [location_update(record) for record in batch]
+
+    def _flush(self) -> None:
+        from websockets.asyncio.server import broadcast
+
+        from relay.pusher_channels import LOCATION_EVENT, as_json_string, batch_payloads, channel_event
+
+        items, self.items = self.items, []
+        for data in batch_payloads(items, self.max_message):
+            broadcast(self.subscribers, channel_event(LOCATION_EVENT, PUSHER_CHANNEL, as_json_string(data)), text=True)
+
+    async def trigger(self) -> None:
+        from websockets.asyncio.server import broadcast
+
+        from relay.pusher_channels import as_json_string, channel_event
+
+        frame = channel_event(PUSHER_EVENT, PUSHER_CHANNEL, as_json_string(PUSHER_EVENT_DATA.encode()))
+        broadcast(self.subscribers, frame, text=True)
 
 
 class SystemTarget:
@@ -265,9 +376,13 @@ class SystemTarget:
         await self.store.close()
 
 
-def fleet_of(device: int) -> tuple[str, str]:
-    """(company, asset) of simulated device ``device`` in the latency run."""
-    return f"fleet-{device // DEVICES_PER_COMPANY:03d}", f"truck-{device:05d}"
+SERVE_TARGETS: dict[str, Any] = {
+    "serve-relay": RelayTarget,
+    "serve-relay-turn": lambda: RelayTarget(flush_interval_ms=0),
+    "serve-websockets": WebsocketsTarget,
+    "serve-pusher-relay": lambda: RelayTarget(pusher=True),
+    "serve-pusher-websockets": WebsocketsPusherTarget,
+}
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -278,27 +393,29 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.child == "serve-system":
         target = SystemTarget()
         await target.start(work, args.devices)
-        _say({"pid": os.getpid(), "port": target.port, "device_port": target.device_port})
+        say({"pid": os.getpid(), "port": target.port, "device_port": target.device_port})
     else:
-        target = {
-            "serve-relay": RelayTarget,
-            "serve-relay-turn": lambda: RelayTarget(flush_interval_ms=0),
-            "serve-websockets": WebsocketsTarget,
-        }[args.child]()
+        target = SERVE_TARGETS[args.child]()
         await target.start(work)
         tune_gc()  # as Gateway.start does in `fleetgate run`; the same for the reference
-        _say({"pid": os.getpid(), "port": target.port})
+        say({"pid": os.getpid(), **target.hello()})
     start = datetime.now(UTC) - timedelta(hours=1)
     pool = [fleet_record(n, start) for n in range(POOL if args.child != "serve-system" else 0)]
-    rounds: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    rounds: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def publisher() -> None:
-        """Each round: its records in batches of ``batch``, one batch per event-loop turn."""
+        """Each round: records in batches of ``batch``, one batch per event-loop turn; or events, one per turn."""
         taken = 0
         while True:
-            records, batch = await rounds.get()
-            for i in range(0, records, batch):
-                n = min(batch, records - i)
+            command = await rounds.get()
+            count, batch = command["count"], command.get("batch", 1)
+            if command.get("kind") == "events":
+                for _ in range(count):
+                    await target.trigger()
+                    await asyncio.sleep(0)
+                continue
+            for i in range(0, count, batch):
+                n = min(batch, count - i)
                 while taken + n > len(pool):
                     pool.append(fleet_record(len(pool), start))
                 await target.publish(pool[taken : taken + n])
@@ -306,237 +423,14 @@ async def _serve(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0)
 
     task = asyncio.create_task(publisher())
-    commands = _commands()
-    while (command := await commands.get()) is not None:
+    queue = commands()
+    while (command := await queue.get()) is not None:
         if command["cmd"] == "publish":
-            rounds.put_nowait((command["records"], command["batch"]))
+            rounds.put_nowait(command)
         elif command["cmd"] == "stats":
-            _say(target.stats())
+            say(target.stats())
     task.cancel()
     await target.stop()
-
-
-# --- client processes -----------------------------------------------------------------------
-
-
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """A masked client frame (RFC 6455 5.2, 5.3)."""
-    n = len(payload)
-    head = bytes((0x80 | opcode, 0x80 | n)) if n < 126 else struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
-    mask = os.urandom(4)
-    key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
-    return head + mask + (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
-
-
-class _Probe(msgspec.Struct):
-    received_at: datetime
-
-
-_decode_probe = msgspec.json.Decoder(_Probe).decode
-
-
-class Subscriber(asyncio.Protocol):
-    """One office socket: handshake, auth, subscribe; then count (and in latency mode, time) location frames."""
-
-    def __init__(self, fleet: Fleet, auth: bytes, subscribe: bytes) -> None:
-        self.fleet = fleet
-        self.auth = auth
-        self.subscribe = subscribe
-        self.key = base64.b64encode(os.urandom(16))
-        self.transport: asyncio.Transport | None = None
-        self.buf = b""
-        self.upgraded = False
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.count = 0
-        self.mark = fleet.window
-        self.closing = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.write(  # type: ignore[attr-defined]
-            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: " + self.key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-
-    def data_received(self, data: bytes) -> None:
-        if self.buf:
-            data, self.buf = self.buf + data, b""
-        if not self.upgraded:
-            end = data.find(b"\r\n\r\n")
-            if end < 0:
-                self.buf = data
-                return
-            accept = base64.b64encode(hashlib.sha1(self.key + WS_GUID).digest())
-            if not data.startswith(b"HTTP/1.1 101") or accept not in data[:end]:
-                self.fail(f"handshake refused: {data[:end].decode(errors='replace')[:200]}")
-                return
-            self.upgraded = True
-            self.write(1, self.auth)
-            data = data[end + 4 :]
-        pos, size, now = 0, len(data), time.time()
-        while pos + 2 <= size:
-            length = data[pos + 1]  # a server never masks (RFC 6455 5.1)
-            start = pos + 2
-            if length >= 126:
-                extra = 2 if length == 126 else 8
-                if start + extra > size:
-                    break
-                length, start = int.from_bytes(data[start : start + extra], "big"), start + extra
-            end = start + length
-            if end > size:
-                break
-            if data[pos] == 0x81 and data.startswith(LOCATION, start):
-                self.count += 1
-                if self.fleet.sampling:
-                    self.fleet.samples.append(now - _decode_probe(data[start:end]).received_at.timestamp())
-                if self.count >= self.mark:
-                    self.mark += self.fleet.window
-                    self.fleet.reached(self.count // self.fleet.window)
-            else:
-                self.control(data[pos] & 0x0F, data[start:end])
-            pos = end
-        if pos < size:
-            self.buf = data[pos:]
-
-    def control(self, opcode: int, payload: bytes) -> None:
-        if opcode == 0x9:
-            self.write(0xA, payload)
-        elif opcode == 0x8:
-            self.fail(f"closed by the server: {payload[:2].hex()} {payload[2:].decode(errors='replace')}")
-        elif opcode == 0x1:
-            kind = json.loads(payload).get("type")
-            if kind == "authenticated":
-                self.write(1, self.subscribe)
-            elif kind == "subscribed" and not self.ready.done():
-                self.ready.set_result(None)
-            elif kind == "error":
-                self.fail(payload.decode())
-
-    def write(self, opcode: int, payload: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(client_frame(opcode, payload))
-
-    def fail(self, why: str) -> None:
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionError(why))
-        elif not self.closing:
-            self.fleet.lost(why)
-        self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closing:
-            self.fail(f"connection lost: {exc}")
-
-
-class Fleet:
-    """The subscribers of one client process; reports each round once every socket has all its frames."""
-
-    def __init__(self) -> None:
-        self.conns: list[Subscriber] = []
-        self.window = 1 << 62
-        self.levels: defaultdict[int, int] = defaultdict(int)
-        self.sampling = False
-        self.samples = array("d")
-        self.frames_at = 0
-        self.lost_reported = 0
-
-    def reached(self, level: int) -> None:
-        self.levels[level] += 1
-        if self.levels[level] == len(self.conns):
-            del self.levels[level]
-            _say({"round": level, "t": time.time()})
-
-    def lost(self, why: str) -> None:
-        self.lost_reported += 1
-        if self.lost_reported <= 3:
-            _say({"lost": why})
-
-    async def connect(self, command: dict[str, Any]) -> dict[str, Any]:
-        from relay.settings import AuthSettings
-        from relay.tokens import mint_token
-
-        auth_settings = AuthSettings(secret=SECRET)
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-
-        async def one(g: int) -> Subscriber:
-            company, asset = subscription(g, command)
-            user = f"office-{g}"
-            token = mint_token(auth_settings, role="office", company=company, user=user, ttl_s=3600)
-            auth = _encode({"action": "auth", "user_id": user, "role": "office", "token": token})
-            subscribe = _encode({"action": "subscribe", **({"driver_id": asset} if asset else {"all": True})})
-            source = (f"127.3.{g // 200 % 250}.{1 + g % 200}", 0)  # spread over sources: plenty of ports
-            _, conn = await loop.create_connection(
-                lambda: Subscriber(self, auth, subscribe), "127.0.0.1", command["port"], local_addr=source
-            )
-            await asyncio.wait_for(conn.ready, 30.0)
-            return conn
-
-        first, count = command["first"], command["count"]
-        for chunk in range(first, first + count, 200):
-            self.conns += await asyncio.gather(*(one(g) for g in range(chunk, min(first + count, chunk + 200))))
-        return {"ready": len(self.conns), "seconds": round(time.perf_counter() - started, 2)}
-
-    def rounds(self, window: int) -> dict[str, Any]:
-        """From now on, report round k once every socket has k * ``window`` more location frames."""
-        self.window = window
-        self.levels.clear()
-        for conn in self.conns:
-            conn.count, conn.mark = 0, window
-        return {"window": window}
-
-    def close(self) -> dict[str, Any]:
-        for conn in self.conns:
-            conn.closing = True
-            if conn.transport is not None:
-                conn.transport.abort()
-        closed, self.conns = len(self.conns), []
-        self.sampling = False
-        return {"closed": closed}
-
-
-def subscription(g: int, command: dict[str, Any]) -> tuple[str, str | None]:
-    """(company, asset or None for ``all``) of subscriber ``g``: see the module docstring."""
-    devices = command.get("devices", 0)
-    if not devices:
-        return COMPANY, None
-    companies = max(1, -(-devices // DEVICES_PER_COMPANY))
-    company, j = g % companies, g // companies
-    per_company = max(1, command["count_total"] // companies)
-    watchers = max(1, per_company // ALL_SHARE)
-    if j < watchers:
-        return fleet_of(company * DEVICES_PER_COMPANY)[0], None
-    in_company = min(DEVICES_PER_COMPANY, devices - company * DEVICES_PER_COMPANY)
-    return fleet_of(company * DEVICES_PER_COMPANY + (j - watchers) % in_company)
-
-
-async def _clients(args: argparse.Namespace) -> None:
-    fleet = Fleet()
-    _say({"pid": os.getpid()})
-    commands = _commands()
-    while (command := await commands.get()) is not None:
-        if command["cmd"] == "connect":
-            try:
-                _say(await fleet.connect(command))
-            except (OSError, TimeoutError, ConnectionError) as exc:
-                _say({"error": f"connect: {type(exc).__name__}: {exc}"})
-        elif command["cmd"] == "close":
-            _say(fleet.close())
-        elif command["cmd"] == "rounds":
-            _say(fleet.rounds(command["window"]))
-        elif command["cmd"] == "window":
-            fleet.samples = array("d")
-            fleet.sampling = True
-            fleet.frames_at = sum(c.count for c in fleet.conns)
-        elif command["cmd"] == "end":
-            fleet.sampling = False
-            with open(command["file"], "wb") as out:
-                fleet.samples.tofile(out)
-            frames = sum(c.count for c in fleet.conns) - fleet.frames_at
-            _say({"frames": frames, "samples": len(fleet.samples)})
-    fleet.close()
 
 
 async def _simulate(args: argparse.Namespace) -> None:
@@ -547,203 +441,41 @@ async def _simulate(args: argparse.Namespace) -> None:
         ack_timeout=10.0, record_latency=True,
     )  # fmt: skip
     run = asyncio.create_task(sim.run())
-    _say({"pid": os.getpid()})
-    commands = _commands()
+    say({"pid": os.getpid()})
+    queue = commands()
     acked = 0
-    while (command := await commands.get()) is not None:
+    while (command := await queue.get()) is not None:
         if command["cmd"] == "window":
             sim.stats.latencies.clear()
             acked = sim.stats.records_acked
         elif command["cmd"] == "end":
             acks = sorted(sim.stats.latencies)
-            _say({"acked": sim.stats.records_acked - acked, "connected": sim.stats.connected,
-                  "reconnects": sim.stats.reconnects, "rejected": sim.stats.rejected,
-                  "ack_p50_ms": _ms(acks, 0.5), "ack_p99_ms": _ms(acks, 0.99)})  # fmt: skip
+            say({"acked": sim.stats.records_acked - acked, "connected": sim.stats.connected,
+                 "reconnects": sim.stats.reconnects, "rejected": sim.stats.rejected,
+                 "ack_p50_ms": ms(acks, 0.5), "ack_p99_ms": ms(acks, 0.99)})  # fmt: skip
     sim.abort()
     await run
-
-
-def _ms(samples: Sequence[float], q: float) -> float | None:
-    return round(samples[min(len(samples) - 1, int(q * len(samples)))] * 1000, 2) if samples else None
 
 
 # --------------------------------------------------------------------------
 # The parent.
 
 
-class Child:
-    """A child process of this file; JSON lines both ways. Stopped by closing its stdin, killed if it hangs."""
-
-    live: ClassVar[list[Child]] = []
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.rounds: dict[int, float] = {}
-        self.lost: list[str] = []
-        self.reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def start(cls, *argv: str) -> tuple[Child, dict[str, Any]]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            limit=1 << 20, start_new_session=True,  # Ctrl-C reaches the parent only; it stops the children
-        )  # fmt: skip
-        child = cls(proc)
-        cls.live.append(child)
-        return child, await child.reply(60.0)
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            message = json.loads(line)
-            if "round" in message:
-                self.rounds[message["round"]] = message["t"]
-            elif "lost" in message:
-                self.lost.append(message["lost"])
-            else:
-                self.replies.put_nowait(message)
-        self.replies.put_nowait({"error": f"child {self.pid} exited"})
-
-    def send(self, **command: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(command).encode() + b"\n")
-
-    async def ask(self, timeout: float = 60.0, **command: Any) -> dict[str, Any]:
-        self.send(**command)
-        return await self.reply(timeout)
-
-    async def reply(self, timeout: float) -> dict[str, Any]:
-        message = await asyncio.wait_for(self.replies.get(), timeout)
-        if "error" in message:
-            raise RuntimeError(message["error"])
-        return message
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10.0)
-            except TimeoutError:
-                self.proc.kill()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.proc.wait(), 5.0)
-            except asyncio.CancelledError:  # interrupted: do not wait
-                self.proc.kill()
-                raise
-        self.reader.cancel()
-        if self in Child.live:
-            Child.live.remove(self)
-
-
-_STARTED = time.monotonic()
-
-
-def progress(text: str) -> None:
-    """A progress line on stderr (stdout is for the JSON)."""
-    print(f"[{time.monotonic() - _STARTED:5.1f} s] {text}", file=sys.stderr, flush=True)
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process's threads: from schedstat (ns) where the kernel has it, else in ticks."""
-    total, found = 0, False
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that just ended
-            total += int((task / "schedstat").read_text().split()[0])
-            found = True
-    if found:
-        return total / 1e9
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, all threads
-
-
-async def connect(clients: Sequence[Child], first: int, count: int, **command: Any) -> float:
-    """``count`` subscribers, split over the client processes; the seconds it took."""
-    started = time.perf_counter()
-    share = -(-count // len(clients))
-    replies = await asyncio.gather(*(
-        c.ask(300.0, cmd="connect", first=first + i * share, count=max(0, min(share, count - i * share)),
-              count_total=count, **command)
-        for i, c in enumerate(clients)
-    ))  # fmt: skip
-    if sum(r["ready"] for r in replies) != count:
-        raise RuntimeError(f"only {sum(r['ready'] for r in replies)} of {count} subscribers ready")
-    for c in clients:
-        c.rounds.clear()
-        c.lost.clear()
-    return time.perf_counter() - started
-
-
-async def close(clients: Sequence[Child]) -> None:
-    await asyncio.gather(*(c.ask(cmd="close") for c in clients))
-
-
-async def set_rounds(clients: Sequence[Child], window: int) -> None:
-    await asyncio.gather(*(c.ask(cmd="rounds", window=window) for c in clients))
-    for c in clients:
-        c.rounds.clear()
-
-
 async def fanout_run(
     server: Child, clients: Sequence[Child], subscribers: int, batch: int, seconds: float, round_deliveries: int
 ) -> dict[str, Any]:
     """After a warm-up batch, publish rounds of records until ``seconds`` are (about to be) over."""
-
-    def done() -> int:
-        return min(max(c.rounds, default=0) for c in clients)
-
-    async def until(rounds: int, deadline: float = 120.0) -> None:
-        limit = time.monotonic() + deadline
-        while done() < rounds:
-            lost = [why for c in clients for why in c.lost]
-            if lost:
-                raise RuntimeError(f"subscribers lost: {lost[:3]}")
-            if time.monotonic() > limit:
-                raise RuntimeError(f"clients stalled at round {done()} of {rounds}")
-            await asyncio.sleep(0.002)
-
     window = batch * max(1, round(min(ROUND_RECORDS_MAX, round_deliveries / subscribers) / batch))
-    await set_rounds(clients, batch)
-    warm = time.time()
-    server.send(cmd="publish", records=batch, batch=batch)  # lazy paths; the first estimate of a round's time
-    await until(1)
-    estimate = (time.time() - warm) * window / batch
-    await set_rounds(clients, window)
-    pids = {"server": server.pid, **{f"client{i}": c.pid for i, c in enumerate(clients)}}
-    cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    t0 = time.time()
-    issued = 0
-    while True:
-        finished, elapsed = done(), time.time() - t0
-        per_round = elapsed / finished if finished else estimate
-        while issued - finished < INFLIGHT_ROUNDS and (
-            issued < 1 or elapsed + (issued - finished + 1) * per_round < seconds
-        ):
-            server.send(cmd="publish", records=window, batch=batch)
-            issued += 1
-        if finished >= issued:
-            break
-        await until(finished + 1)
-    wall = max(c.rounds[issued] for c in clients) - t0
-    used = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
-    deliveries = subscribers * window * issued
+    run = await rounds_run(server, {"server": [server.pid]}, clients, subscribers, window, batch, seconds, batch=batch)
+    deliveries, wall = run["deliveries"], run["wall"]
     return {
         "records_per_round": window,
-        "records": window * issued,
+        "records": run["units"],
         "deliveries": deliveries,
         "seconds": round(wall, 3),
         "deliveries_per_s": round(deliveries / wall),
-        "cpu_us_per_delivery": round(used["server"] * 1e6 / deliveries, 3),
-        "cpu_cores": {name: round(value / wall, 2) for name, value in used.items()},
+        "cpu_us_per_delivery": round(run["server_cpu"] * 1e6 / deliveries, 3),
+        "cpu_cores": run["cpu_cores"],
     }
 
 
@@ -778,6 +510,194 @@ async def fanout_target(
         with contextlib.suppress(Exception):
             await close(clients)
         await server.stop()
+
+
+# --- the Pusher runs ------------------------------------------------------------------------------------
+
+
+def pusher_spec(port: int) -> dict[str, Any]:
+    """The ``connect`` command's part for Pusher subscribers."""
+    subscribe = {"key": PUSHER_KEY, "secret": PUSHER_SECRET, "channel": PUSHER_CHANNEL, "event": PUSHER_EVENT}
+    return {"port": port, "pusher": subscribe}
+
+
+def records_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """A ``records`` run: units are records inside ``location.updated`` events (frames)."""
+    deliveries, frames, wall, cpu = run["deliveries"], run["frames"], run["wall"], run["server_cpu"]
+    return {
+        "records_per_round": run["window"],
+        "records": run["units"],
+        "deliveries": deliveries,
+        "event_frames": frames,
+        "records_per_event": round(deliveries / frames, 1),
+        "seconds": round(wall, 3),
+        "deliveries_per_s": round(deliveries / wall),
+        "events_per_s": round(frames / wall),
+        "cpu_us_per_delivery": round(cpu * 1e6 / deliveries, 3),
+        "cpu_us_per_event_frame": round(cpu * 1e6 / frames, 3),
+        "cpu_cores": run["cpu_cores"],
+    }
+
+
+def events_figures(run: dict[str, Any], publisher: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An ``events`` run: units are events, one frame each; a delivery is one event to one subscriber."""
+    deliveries, wall, cpu = run["deliveries"], run["wall"], run["server_cpu"]
+    out = {
+        "events_per_round": run["window"],
+        "events": run["units"],
+        "deliveries": deliveries,
+        "seconds": round(wall, 3),
+        "events_per_s": round(run["units"] / wall),
+        "deliveries_per_s": round(deliveries / wall),
+        "cpu_us_per_delivery": round(cpu * 1e6 / deliveries, 3),
+        "cpu_us_per_event": round(cpu * 1e6 / run["units"], 1),
+        "cpu_cores": run["cpu_cores"],
+    }
+    if publisher is not None:
+        out["publisher"] = publisher
+    return out
+
+
+def http_parser() -> str:
+    """What uvicorn (``http="auto"``) parses HTTP/1.1 with in the relay process."""
+    import importlib.util
+
+    return "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+
+
+def ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    return {k: round(a[k] / b[k], 3) for k in ("cpu_us_per_delivery", "deliveries_per_s")}
+
+
+async def http_run(
+    port: int, servers: dict[str, list[int]], clients: Sequence[Child], n: int, window: int, seconds: float
+) -> dict[str, Any]:
+    """Events through the HTTP API of the server on ``port``, posted by a publisher process."""
+    spec = {"port": port, "app_id": PUSHER_APP_ID, "key": PUSHER_KEY, "secret": PUSHER_SECRET,
+            "channel": PUSHER_CHANNEL, "event": PUSHER_EVENT, "data": PUSHER_EVENT_DATA,
+            "connections": HTTP_CONNECTIONS}  # fmt: skip
+    publisher, _ = await Child.start("--child", "publish-http", "--spec", json.dumps(spec))
+    try:
+        run = await rounds_run(publisher, servers, clients, n, window, PUSHER_WARM_EVENTS, seconds)
+        stats = await publisher.ask(cmd="stats")
+    finally:
+        await publisher.stop()
+    return events_figures(run, {"connections": HTTP_CONNECTIONS, **stats})
+
+
+async def pusher_relay(args: argparse.Namespace, clients: Sequence[Child], work: Path, window: int) -> dict[str, Any]:
+    """The relay: records through the bus, events triggered in-process, events through the HTTP API."""
+    n = args.pusher_subscribers
+    server, hello = await Child.start("--child", "serve-pusher-relay", "--workdir", str(work))
+    servers = {"server": [server.pid]}
+    try:
+        connect_s = await connect(clients, 0, n, **pusher_spec(hello["port"]))
+        progress(f"pusher relay: {n} subscribers connected in {connect_s:.1f} s")
+        records = records_figures(await rounds_run(
+            server, servers, clients, n, PUSHER_RECORDS_PER_ROUND, PUSHER_PUBLISH_BATCH, args.seconds,
+            batch=PUSHER_PUBLISH_BATCH,
+        ))  # fmt: skip
+        progress(f"pusher relay: records: {records['deliveries_per_s']:,} record deliveries/s, "
+                 f"{records['cpu_us_per_delivery']} us CPU each")  # fmt: skip
+        internal = events_figures(
+            await rounds_run(server, servers, clients, n, window, PUSHER_WARM_EVENTS, args.seconds, kind="events")
+        )
+        http = await http_run(hello["rest_port"], servers, clients, n, window, args.seconds)
+        progress(f"pusher relay: HTTP API: {http['deliveries_per_s']:,} deliveries/s, "
+                 f"{http['cpu_us_per_delivery']} us CPU each")  # fmt: skip
+        stats = await server.ask(cmd="stats")
+    finally:
+        with contextlib.suppress(Exception):
+            await close(clients)
+        await server.stop()
+    return {"batch_window_ms": hello["batch_window_ms"], "connect_seconds": round(connect_s, 2),
+            "records": records, "internal": internal, "http": http, "server": stats}  # fmt: skip
+
+
+async def pusher_reference(
+    args: argparse.Namespace, clients: Sequence[Child], work: Path, window: int
+) -> dict[str, Any]:
+    """websockets.broadcast: the same record frames and the same events (in-process, no HTTP)."""
+    n = args.pusher_subscribers
+    server, hello = await Child.start("--child", "serve-pusher-websockets", "--workdir", str(work))
+    servers = {"server": [server.pid]}
+    try:
+        await connect(clients, 0, n, **pusher_spec(hello["port"]))
+        records = records_figures(await rounds_run(
+            server, servers, clients, n, PUSHER_RECORDS_PER_ROUND, PUSHER_PUBLISH_BATCH, args.seconds,
+            batch=PUSHER_PUBLISH_BATCH,
+        ))  # fmt: skip
+        events = events_figures(
+            await rounds_run(server, servers, clients, n, window, PUSHER_WARM_EVENTS, args.seconds, kind="events")
+        )
+        progress(f"pusher websockets.broadcast: records {records['deliveries_per_s']:,}/s, "
+                 f"events {events['deliveries_per_s']:,} deliveries/s")  # fmt: skip
+    finally:
+        with contextlib.suppress(Exception):
+            await close(clients)
+        await server.stop()
+    return {"records": records, "events": events}
+
+
+async def pusher_soketi(args: argparse.Namespace, clients: Sequence[Child], work: Path, window: int) -> dict[str, Any]:
+    """soketi under the HTTP API load of the relay's ``http`` run; ``skipped`` says why when it cannot run."""
+    if args.no_soketi:
+        return {"skipped": "--no-soketi"}
+    peer = SoketiPeer(work, PUSHER_APP_ID, PUSHER_KEY, PUSHER_SECRET)
+    problem = await peer.install()
+    if problem is not None:
+        progress(f"soketi: skipped: {problem}")
+        return {"skipped": problem}
+    n = args.pusher_subscribers
+    try:
+        await peer.start()
+        connect_s = await connect(clients, 0, n, **pusher_spec(peer.port))
+        progress(f"soketi: {n} subscribers connected in {connect_s:.1f} s")
+        http = await http_run(peer.port, {"server": peer.pids()}, clients, n, window, args.seconds)
+        progress(f"soketi: HTTP API: {http['deliveries_per_s']:,} deliveries/s, "
+                 f"{http['cpu_us_per_delivery']} us CPU each")  # fmt: skip
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        progress(f"soketi: skipped: {exc}")
+        return {"skipped": f"{type(exc).__name__}: {exc}", **peer.versions}
+    finally:
+        with contextlib.suppress(Exception):
+            await close(clients)
+        await peer.stop()
+    return {**peer.versions, "connect_seconds": round(connect_s, 2), "http": http}
+
+
+async def pusher_bench(args: argparse.Namespace, clients: Sequence[Child], work: Path) -> dict[str, Any]:
+    n = args.pusher_subscribers
+    window = max(1, min(ROUND_RECORDS_MAX, round(args.round_deliveries / n)))
+    relay = await pusher_relay(args, clients, work, window)
+    reference = await pusher_reference(args, clients, work, window)
+    soketi = await pusher_soketi(args, clients, work, window)
+    events: dict[str, Any] = {
+        "data_bytes": len(PUSHER_EVENT_DATA),
+        "relay_http": relay["http"],
+        "relay_internal": relay["internal"],
+        "websockets_broadcast": reference["events"],
+        "soketi_http": soketi.get("http", {"skipped": soketi.get("skipped")}),
+        "ratio": {"relay_http/websockets_broadcast": ratio(relay["http"], reference["events"]),
+                  "relay_internal/websockets_broadcast": ratio(relay["internal"], reference["events"])},
+    }  # fmt: skip
+    if "http" in soketi:
+        events["ratio"]["relay_http/soketi_http"] = ratio(relay["http"], soketi["http"])
+    return {
+        "subscribers": n,
+        "channel": PUSHER_CHANNEL,
+        "batch_window_ms": relay["batch_window_ms"],
+        "records": {
+            "publish_batch": PUSHER_PUBLISH_BATCH,
+            "relay": relay["records"],
+            "websockets_broadcast": reference["records"],
+            "ratio": ratio(relay["records"], reference["records"]),
+        },
+        "events": events,
+        "soketi": {k: v for k, v in soketi.items() if k != "http"},
+        "relay_server": {"connect_seconds": relay["connect_seconds"], "http_parser": http_parser(), **relay["server"]},
+        "notes": PUSHER_NOTES,
+    }
 
 
 async def latency(args: argparse.Namespace, clients: Sequence[Child], work: Path) -> dict[str, Any]:
@@ -824,10 +744,10 @@ async def latency(args: argparse.Namespace, clients: Sequence[Child], work: Path
         "seconds": round(wall, 2),
         "records_per_s": round(device_side["acked"] / wall),
         "deliveries_per_s": round(sum(e["frames"] for e in ends) / wall),
-        "p50_ms": _ms(ordered, 0.5),
-        "p90_ms": _ms(ordered, 0.9),
-        "p99_ms": _ms(ordered, 0.99),
-        "max_ms": _ms(ordered, 1.0),
+        "p50_ms": ms(ordered, 0.5),
+        "p90_ms": ms(ordered, 0.9),
+        "p99_ms": ms(ordered, 0.99),
+        "max_ms": ms(ordered, 1.0),
         "samples": len(ordered),
         "measured_from": "received_at",
         "measured_from_why": "the simulator's fix_time is start + k s (whole seconds, devices ramped over 1 s), "
@@ -873,12 +793,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     out["fanout"].append({
                         "subscribers": n, "batch": batch,
                         "relay": relay, "relay_flush_each_turn": turn, "websockets_broadcast": ws,
-                        "ratio": {"cpu_us_per_delivery": round(relay["cpu_us_per_delivery"]
-                                                               / ws["cpu_us_per_delivery"], 3),
-                                  "deliveries_per_s": round(relay["deliveries_per_s"] / ws["deliveries_per_s"], 3)},
-                        "ratio_flush_each_turn": {
-                            "cpu_us_per_delivery": round(turn["cpu_us_per_delivery"] / ws["cpu_us_per_delivery"], 3),
-                            "deliveries_per_s": round(turn["deliveries_per_s"] / ws["deliveries_per_s"], 3)},
+                        "ratio": ratio(relay, ws), "ratio_flush_each_turn": ratio(turn, ws),
                     })  # fmt: skip
                 rss = {"subscribers": n, **{TARGETS[t]: runs[t]["idle_rss_kib_per_subscriber"] for t in TARGETS},
                        "detail": {TARGETS[t]: {k: runs[t][k] for k in ("rss_before_kib", "rss_after_kib",
@@ -886,6 +801,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                                   for t in TARGETS}}  # fmt: skip
             if rss:
                 out["idle_rss_kib_per_subscriber"] = rss
+            if args.pusher_subscribers > 0:
+                out["pusher"] = await pusher_bench(args, clients, work)
             if args.latency_seconds > 0:
                 out["latency"] = await latency(args, clients, work)
     finally:
@@ -904,6 +821,33 @@ NOTES = [
     "websockets_broadcast: serve(compression=None) + broadcast(subscribers, json_bytes, text=True) per record; "
     "it answers auth without verifying the token",
     "both servers: uvloop, gateway.service.tune_gc() as in `fleetgate run`; clients: 2 processes, raw RFC 6455",
+]
+PUSHER_NOTES = [
+    "subscribers: raw Pusher protocol 7 clients on /app/{key}, each signing its pusher:subscribe with the app "
+    "secret (channel_auth), as an auth endpoint would; all servers verify the signature",
+    "records: records published onto the relay's bus (publish_batch per event-loop turn) and batched per "
+    "batch_window_ms into location.updated events (data: a JSON string, one object or an array split at "
+    "[pusher] max_message); deliveries = records received, cpu_us_per_delivery = server CPU / records "
+    "received, cpu_us_per_event_frame = server CPU / event frames received; websockets_broadcast batches the "
+    "same records into the same frames (relay.pusher_channels) and broadcasts each frame once",
+    "records rounds: a round completes only after the batch window fires, and at most 3 rounds are in flight "
+    "(bounded buffers), so deliveries_per_s is a closed-loop figure: idle time between windows lowers it, "
+    "not the CPU per delivery",
+    "events: one delivery = one event frame to one subscriber; cpu_us_per_event = server CPU per event "
+    "published (all its deliveries, plus for *_http the HTTP request); relay_http and soketi_http: a publisher "
+    "process POSTs signed /apps/{id}/events over HTTP/1.1 (HTTP_CONNECTIONS in parallel), so both include HTTP "
+    "parsing, signature and body_md5 checks; relay_internal and websockets_broadcast generate the events in "
+    "the server process (no HTTP), one per event-loop turn",
+    "relay_http - relay_internal: the HTTP request (uvicorn with relay_server.http_parser, Litestar, checks) "
+    "plus fewer frames per write: at the HTTP pace fewer events fall in one flush_interval_ms window",
+    "relay: Relay with its REST service (uvicorn, in the same process and event loop) and MemoryControl",
+    "soketi: one node process (uWebSockets.js: HTTP, WebSocket framing and writes in C++ on libuv; the Pusher "
+    "logic in JS), CPU from /proc of its process tree, local adapter (no Redis); it answers every HTTP API "
+    "request with Connection: close, so the publisher connects once per event (publisher.reconnects); per "
+    "subscriber and event it JSON.parses the message, JSON.stringifies it again and re-arms a 120 s timer "
+    "(local-adapter.js send, ws-handler.js sendJson)",
+    "on this machine clients, publisher and server share the CPUs (cpu_cores): deliveries_per_s is bounded by "
+    "the machine, cpu_us_per_delivery much less so",
 ]
 
 
@@ -925,6 +869,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=50_000,
         help="frames per round (records per round = this / subscribers; default 50000)",
     )
+    parser.add_argument(
+        "--pusher-subscribers", type=int, default=1000, help="Pusher-protocol subscribers (default 1000; 0 skips)"
+    )
+    parser.add_argument("--no-soketi", action="store_true", help="skip the soketi run of the Pusher part")
     parser.add_argument("--latency-devices", type=int, default=2000)
     parser.add_argument("--latency-subscribers", type=int, default=2000)
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="0: skip the latency run (default 20)")
@@ -934,19 +882,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child_main(args)
         return
     if args.quick:
         args.subscribers, args.seconds, args.round_deliveries = [200, 1000], 0.5, 10_000
+        args.pusher_subscribers = min(args.pusher_subscribers, 200)
         args.latency_devices = args.latency_subscribers = 200
         args.latency_seconds, args.latency_warmup = 2.0, 1.5
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if soft < want:  # children inherit it
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    need = max([*args.subscribers, args.latency_subscribers + args.latency_devices]) + 256
+    need = max([*args.subscribers, args.pusher_subscribers, args.latency_subscribers + args.latency_devices]) + 256
     if want < need:
         parser.error(f"the file-descriptor limit ({want}) is below the {need} sockets a server needs")
     try:
@@ -959,6 +909,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             if child.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGKILL)
+        for proc, group in SoketiPeer.live:  # soketi, or npm ci and what it started
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
     print(json.dumps(result, indent=2))
 
 

@@ -643,7 +643,7 @@ async def start_rest(app: Litestar, host: str, port: int) -> RestServer:
         log_level="warning",
         log_config=None,  # leave the host's logging configuration alone
         access_log=False,
-        proxy_headers=False,  # nothing here depends on the client address; trust no forwarding headers
+        proxy_headers=False,  # rate limits key on the TCP peer: forwarding headers are not trusted by default
         server_header=False,
         timeout_graceful_shutdown=int(STOP_TIMEOUT_S),
     )
