@@ -59,11 +59,12 @@ from litestar.params import FromPath
 from gateway.state.base import StateStore
 from relay import metrics as relay_metrics
 from relay import pusher_channels as wire
+from relay.bearer import verified_claims
 from relay.control import Control
 from relay.links.api import LinkAccessError
 from relay.pusher_auth import RequestAuthError, channel_auth, verify_request
 from relay.settings import PusherAppSettings
-from relay.tokens import Claims, TokenError, TokenVerifier
+from relay.tokens import Claims, TokenVerifier
 
 if TYPE_CHECKING:
     from relay.pusher import PusherHub
@@ -161,18 +162,6 @@ def _forbidden(message: str) -> PermissionDeniedException:
     return PermissionDeniedException(detail=message, headers=_CORS)
 
 
-_TOKEN_MESSAGES = {
-    "missing": "an 'Authorization: Bearer <token>' header is required",
-    "expired": "the token has expired",
-    "revoked": "the token has been revoked",
-}
-
-
-def _unauthorized_token(reason: str) -> NotAuthorizedException:
-    relay_metrics.AUTH_FAILURES.labels(reason=reason).inc()
-    return NotAuthorizedException(detail=_TOKEN_MESSAGES.get(reason, "the token is not valid"), headers=_CORS)
-
-
 def _json(body: Any, headers: Mapping[str, str] | None = None) -> Response[bytes]:
     return Response(msgspec.json.encode(body), status_code=200, media_type=_JSON, headers=headers)
 
@@ -181,18 +170,8 @@ def _json(body: Any, headers: Mapping[str, str] | None = None) -> Response[bytes
 
 
 def _claims(pusher: PusherContext, header: str | None) -> Claims:
-    """The verified, unrevoked claims of the bearer token, else 401."""
-    scheme, _, token = (header or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise _unauthorized_token("missing")
-    try:
-        claims = pusher.verifier.verify(token)
-    except TokenError as exc:
-        raise _unauthorized_token(exc.reason) from None
-    if pusher.control.is_revoked(claims.jti):
-        raise _unauthorized_token("revoked")
-    return claims
+    """The verified, unrevoked claims of the bearer token, else 401 (with the CORS headers)."""
+    return verified_claims(pusher.verifier, pusher.control, header, headers=_CORS)
 
 
 async def _auth_fields(request: Request[Any, Any, Any]) -> dict[str, str]:

@@ -47,24 +47,21 @@ import math
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
 import uvicorn
 from litestar import Litestar, Request, Response, Router, delete, get, post, put
-from litestar.connection import ASGIConnection
 from litestar.datastructures import CacheControlHeader
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import (
     HTTPException,
-    NotAuthorizedException,
     NotFoundException,
     PermissionDeniedException,
     ValidationException,
 )
-from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, FromQuery, JSONBody
@@ -74,7 +71,7 @@ from redis.exceptions import RedisError
 from gateway import metrics
 from gateway.records import Device
 from gateway.state.base import StateStore
-from relay import metrics as relay_metrics
+from relay.bearer import Guard, role_guard
 from relay.control import Control, ControlError
 from relay.links.api import LinkAccessError, LinkRequestError
 from relay.links.mail import MailError
@@ -86,7 +83,7 @@ from relay.pusher_http import pusher_routes
 from relay.pusher_state import PusherStateError
 from relay.ratelimit import RateLimited, RateLimiterError
 from relay.settings import RelaySettings
-from relay.tokens import Claims, TokenError, TokenVerifier
+from relay.tokens import Claims, TokenVerifier
 
 __all__ = ["RestContext", "RestServer", "create_app", "start_rest"]
 
@@ -198,50 +195,9 @@ class Revoked(msgspec.Struct, frozen=True, kw_only=True):
 
 # -- authentication ---------------------------------------------------------------------
 
-_AUTH_MESSAGES = {
-    "missing": "an 'Authorization: Bearer <token>' header is required",
-    "expired": "the token has expired",
-    "revoked": "the token has been revoked",
-}
 
-
-def _unauthorized(reason: str) -> NotAuthorizedException:
-    relay_metrics.AUTH_FAILURES.labels(reason=reason).inc()
-    return NotAuthorizedException(detail=_AUTH_MESSAGES.get(reason, "the token is not valid"))
-
-
-def _bearer_token(header: str | None) -> str:
-    scheme, _, token = (header or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise _unauthorized("missing")
-    return token
-
-
-def _admin_guard(
-    ctx: RestContext,
-) -> Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]:
-    """A guard admitting admin tokens that verify and are not revoked; it leaves the claims in ``scope["user"]``.
-
-    A guard rather than a dependency because guards run before the body is read: a caller
-    without a valid token learns nothing about what a valid request would look like. Async
-    although it never awaits: Litestar runs synchronous guards in a worker thread.
-    """
-
-    async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        token = _bearer_token(connection.headers.get("authorization"))
-        try:
-            claims = ctx.verifier.verify(token)
-        except TokenError as exc:
-            raise _unauthorized(exc.reason) from None
-        if ctx.control.is_revoked(claims.jti):
-            raise _unauthorized("revoked")
-        if claims.role != "admin":
-            relay_metrics.AUTH_FAILURES.labels(reason="role_mismatch").inc()
-            raise PermissionDeniedException(detail="an admin token is required")
-        connection.scope["user"] = claims
-
-    return require_admin
+def _admin_guard(ctx: RestContext) -> Guard:
+    return role_guard(ctx.verifier, ctx.control, ("admin",), "an admin token is required")
 
 
 def _admin_claims(request: Request[Claims, Any, Any]) -> Claims:

@@ -33,7 +33,6 @@ errors as ``{"error", "code", "message"}`` with the 4001-4005 codes of :mod:`rel
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -42,16 +41,16 @@ from litestar import Request, Response, Router, delete, get, patch, post, route
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
 from litestar.enums import HttpMethod
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
+from litestar.exceptions import PermissionDeniedException, ValidationException
 from litestar.handlers import BaseRouteHandler
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from relay import metrics as relay_metrics
+from relay.bearer import Guard, bearer, role_guard
 from relay.links.api import CodeSent, LinkAccessError, LinkPatch, NewLink, PublicInfo, SessionGrant
 from relay.links.model import AccessMode, Arrival, ExpiredReason, Schedule, Status, TrackingLink
 from relay.links.service import LinkService
-from relay.tokens import Claims, TokenError, TokenVerifier
+from relay.tokens import Claims, TokenVerifier
 
 if TYPE_CHECKING:
     from relay.control import Control
@@ -135,49 +134,16 @@ def _view(links: LinkService, link: TrackingLink) -> LinkView:
 
 # -- the management API: authentication and scope ----------------------------------------------------
 
-_AUTH_MESSAGES = {
-    "missing": "an 'Authorization: Bearer <token>' header is required",
-    "expired": "the token has expired",
-    "revoked": "the token has been revoked",
-}
 
+def _manager_guard(verifier: TokenVerifier, control: Control) -> Guard:
+    """Office and admin tokens (see :func:`relay.bearer.role_guard`); only an admin may act for every company."""
+    admit = role_guard(verifier, control, MANAGING_ROLES, "an office or admin token is required")
 
-def _unauthorized(reason: str) -> NotAuthorizedException:
-    relay_metrics.AUTH_FAILURES.labels(reason=reason).inc()
-    return NotAuthorizedException(detail=_AUTH_MESSAGES.get(reason, "the token is not valid"))
-
-
-def _bearer(header: str | None) -> str | None:
-    scheme, _, token = (header or "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
-def _manager_guard(
-    verifier: TokenVerifier, control: Control
-) -> Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]:
-    """Admit office and admin tokens that verify and are not revoked; the claims go to ``scope["user"]``.
-
-    A guard, so a caller without a valid token is refused before the body is read. Only an admin
-    token may carry the all-companies ``*``.
-    """
-
-    async def require_manager(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        token = _bearer(connection.headers.get("authorization"))
-        if token is None:
-            raise _unauthorized("missing")
-        try:
-            claims = verifier.verify(token)
-        except TokenError as exc:
-            raise _unauthorized(exc.reason) from None
-        if control.is_revoked(claims.jti):
-            raise _unauthorized("revoked")
-        if claims.role not in MANAGING_ROLES:
-            relay_metrics.AUTH_FAILURES.labels(reason="role_mismatch").inc()
-            raise PermissionDeniedException(detail="an office or admin token is required")
+    async def require_manager(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        await admit(connection, handler)
+        claims = connection.scope["user"]
         if claims.company == ALL_COMPANIES and claims.role != "admin":
             raise PermissionDeniedException(detail='only an admin token may act for every company ("*")')
-        connection.scope["user"] = claims
 
     return require_manager
 
@@ -290,7 +256,7 @@ async def public_location(
     request: Request[Any, Any, Any], links: NamedDependency[LinkService], uuid: FromPath[str]
 ) -> Response[bytes]:
     """The payload of the WebSocket ``location.updated`` event, 204 while the vehicle has not reported."""
-    token = _bearer(request.headers.get("authorization"))
+    token = bearer(request.headers.get("authorization"))
     if token is None:
         raise LinkAccessError(4001, "an 'Authorization: Bearer <session token>' header is required")
     location = await links.poll(uuid, token)
