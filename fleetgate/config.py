@@ -171,8 +171,8 @@ leeway_s = 0.0
 
 [pusher]
 enabled = true                  # Pusher protocol at ws://HOST:ws_port/app/{key}, auth at POST /broadcasting/auth
-activity_timeout_s = 30         # told to clients; silence beyond it: ping, then close 4201
-pong_timeout_s = 30.0
+activity_timeout_s = 30         # told to clients: they pusher:ping after this much silence
+pong_timeout_s = 30.0           # the relay pings quiet sockets ([relay] ping_interval_s); no pong by then: 4201
 max_message = 10240             # client messages and event data (bytes)
 batch_window_ms = 100           # location records for one channel within this window: one array event
 

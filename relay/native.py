@@ -163,6 +163,7 @@ class NativeApp:
         self.control = control
         self.verifier = verifier
         self.max_message = settings.max_message
+        self.ping_interval_s, self.ping_timeout_s = settings.ping_interval_s, settings.ping_timeout_s
         self.company_connections: collections.Counter[str] = collections.Counter()
         self.last_location: dict[str, float] = {}  # "company/driver" -> loop time of the last accepted location
         self.by_jti: dict[str, set[NativeSession]] = {}

@@ -115,6 +115,8 @@ class PusherHub:
         self.state = state
         self.instance_id = instance_id
         self.max_message = settings.max_message
+        # Quiet sockets get a ping frame (the relay sets the interval: [relay] ping_interval_s); no pong: 4201.
+        self.ping_interval_s, self.ping_timeout_s = float(max(1, settings.activity_timeout_s)), settings.pong_timeout_s
         self.apps_by_key = {app.key: app for app in reversed(settings.apps)}
         self.apps_by_id = {app.id: app for app in reversed(settings.apps)}
         self.secrets = {app.id: app_secret(app, auth_secret) for app in settings.apps}

@@ -108,6 +108,7 @@ class Relay:
             auth_secret = load_secret(self.auth) if any(not app.secret for app in p.apps) else ""
             self.pusher = PusherHub(p, auth_secret, self.hub, self.store, self.control, state, self.instance_id)
             await self.pusher.start()
+            self.pusher.ping_interval_s = s.ping_interval_s
             self.ws.apps.append(self.pusher)
             if self.links is not None and self.link_settings is not None:
                 ls = self.link_settings

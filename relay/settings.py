@@ -63,8 +63,8 @@ class PusherAppSettings(_Section):
 class PusherSettings(_Section):
     enabled: bool = True
     apps: list[PusherAppSettings] = msgspec.field(default_factory=lambda: [PusherAppSettings()])
-    activity_timeout_s: int = 30  # sent in pusher:connection_established; silence beyond it: ping, then 4201
-    pong_timeout_s: float = 30.0
+    activity_timeout_s: int = 30  # sent in pusher:connection_established: clients ping after this much silence
+    pong_timeout_s: float = 30.0  # a quiet socket is pinged ([relay] ping_interval_s); no pong by then: 4201
     max_message: int = 10 * 1024  # client messages and event data (bytes)
     batch_window_ms: int = 100  # location records for one channel within this window go out as one array event
 

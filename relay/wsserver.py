@@ -69,6 +69,8 @@ class App(Protocol):
     name: str  # metric label: "native" | "pusher"
     max_message: int  # larger client messages close with 1009
     ping_timeout_code: int  # close code when a ping goes unanswered
+    ping_interval_s: float  # a ping frame to a socket quiet for this long
+    ping_timeout_s: float  # no answer to it within this: close with ping_timeout_code
 
     def match(self, path: str) -> bool: ...
 
@@ -95,6 +97,8 @@ class WsConnection(asyncio.Protocol):
         self.ping_sent_at = 0.0  # 0: no ping outstanding
         self.close_reason = "client"
         self.ping_timeout_code = CODE_PING_TIMEOUT
+        self.ping_interval = server.settings.ping_interval_s
+        self.ping_timeout = server.settings.ping_timeout_s
         self._fragments: list[bytes] | None = None
         self._fragment_binary = False
         self._timers: list[asyncio.TimerHandle] = []
@@ -170,6 +174,7 @@ class WsConnection(asyncio.Protocol):
         self.protocol.send_response(response)
         self.protocol.max_message_size = app.max_message
         self.ping_timeout_code = app.ping_timeout_code
+        self.ping_interval, self.ping_timeout = app.ping_interval_s, app.ping_timeout_s
         self.app_name = app.name
         self.session = opened
         self.open = True
@@ -395,8 +400,9 @@ class WsServer:
 
     async def _ping_loop(self) -> None:
         """One timer for every socket: ping the quiet ones, close those whose ping went unanswered."""
-        interval, timeout = self.settings.ping_interval_s, self.settings.ping_timeout_s
-        tick = max(0.05, min(interval, timeout) / 4)
+        shortest = min([self.settings.ping_interval_s, self.settings.ping_timeout_s]
+                       + [min(app.ping_interval_s, app.ping_timeout_s) for app in self.apps])  # fmt: skip
+        tick = max(0.05, shortest / 4)
         ping = b"fg"
         while True:
             await asyncio.sleep(tick)
@@ -405,9 +411,9 @@ class WsServer:
                 if conn.session is None or conn.protocol.state is not OPEN:
                     continue
                 if conn.ping_sent_at:
-                    if now - conn.ping_sent_at >= timeout:
+                    if now - conn.ping_sent_at >= conn.ping_timeout:
                         conn.close(conn.ping_timeout_code, "ping timeout", reason="ping_timeout")
-                elif now - conn.last_rx >= interval:
+                elif now - conn.last_rx >= conn.ping_interval:
                     conn.ping_sent_at = now
                     conn.protocol.send_ping(ping)
                     conn.flush_protocol()

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 from gatewaykit import running_gateway
 from relaykit import AUTH, System, position, relay_settings, running_system
@@ -191,7 +192,8 @@ async def test_ping_pong_in_both_client_styles(tmp_path: Any) -> None:
 
 
 async def test_unanswered_pings_close_with_4201(tmp_path: Any) -> None:
-    async with pusher_system(tmp_path, ping_interval_s=0.2, ping_timeout_s=0.3) as (_, _, port):
+    pusher = msgspec.structs.replace(PUSHER, pong_timeout_s=0.3)  # the Pusher side's own pong timeout
+    async with pusher_system(tmp_path, pusher=pusher, ping_interval_s=0.2, ping_timeout_s=30.0) as (_, _, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             f"GET /app/app-key?{QUERY} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
