@@ -6,9 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +25,7 @@ from relay.control import Control, open_control
 from relay.links.store import open_link_store
 from relay.pusher_state import open_pusher_state
 from relay.ratelimit import open_rate_limiter
-from relay.service import Relay
+from relay.service import Relay, instance_id
 
 log = logging.getLogger("fleetgate")
 STOP_TIMEOUT_S = 8.0
@@ -106,8 +104,7 @@ def _relay(config: Config, bus: Bus, store: StateStore) -> Relay:
     """The relay, with the Pusher protocol's presence store and the rate limits on Redis when the bus is (like
     the control plane), and the tracking links beside the state store (same SQLite file, or Redis)."""
     driver = "redis" if config.bus.driver == "redis" else "memory"
-    instance = config.relay.instance_id or f"{socket.gethostname()}:{os.getpid()}"
-    state = open_pusher_state(driver, config.bus.redis_url, config.bus.prefix, instance)
+    state = open_pusher_state(driver, config.bus.redis_url, config.bus.prefix, instance_id(config.relay))
     link_store = None
     if config.links.enabled:
         link_store = open_link_store(

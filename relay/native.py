@@ -167,6 +167,7 @@ class NativeApp:
         self.company_connections: collections.Counter[str] = collections.Counter()
         self.last_location: dict[str, float] = {}  # "company/driver" -> loop time of the last accepted location
         self.by_jti: dict[str, set[NativeSession]] = {}
+        self._locations_out = metrics.MESSAGES_OUT.labels(protocol="native", type="location")  # once, not per record
         hub.handlers.append(self.on_record)
         control.add_listener(self.on_control)
 
@@ -199,7 +200,7 @@ class NativeApp:
                 if company_members is None or conn not in company_members:
                     conn.push(frame)
                     delivered += 1
-        metrics.MESSAGES_OUT.labels(protocol="native", type="location").inc(delivered)
+        self._locations_out.inc(delivered)
 
     def on_control(self, message: ControlMessage) -> None:
         if message.kind == "revoke":

@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 FEED_RETRY_S = 0.5
 
 
+def instance_id(settings: RelaySettings) -> str:
+    """This relay's name among the instances on one Redis: configured, else ``hostname:pid``."""
+    return settings.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
 class Relay:
     def __init__(
         self,
@@ -87,7 +92,7 @@ class Relay:
         self._geocoder: Geocoder | None = None
         self._feed: asyncio.Task[None] | None = None
         self.feed_ready = asyncio.Event()
-        self.instance_id = settings.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.instance_id = instance_id(settings)
 
     async def start(self) -> None:
         s = self.settings

@@ -121,35 +121,22 @@ def position(
     )  # fmt: skip
 
 
-class Client:
-    """A native-protocol client on a real websockets connection."""
+class JsonSocket:
+    """A test peer on a real websockets connection speaking JSON text frames: what every client here reads with."""
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
 
-    @classmethod
-    async def connect(cls, url: str, **kwargs: Any) -> Client:
-        return cls(await connect(url, open_timeout=5, **kwargs))
-
-    async def send(self, message: dict[str, Any] | str | bytes) -> None:
-        await self.ws.send(message if isinstance(message, str | bytes) else json.dumps(message))
-
     async def recv(self, timeout: float = 3.0) -> dict[str, Any]:
         return dict(json.loads(await asyncio.wait_for(self.ws.recv(), timeout)))
 
-    async def recv_type(self, kind: str, timeout: float = 3.0) -> dict[str, Any]:
-        """The next message of type ``kind``, skipping others."""
+    async def next_where(self, key: str, value: str, timeout: float = 3.0) -> dict[str, Any]:
+        """The next message whose ``key`` is ``value``, skipping others."""
         async with asyncio.timeout(timeout):
             while True:
                 message = await self.recv(timeout)
-                if message.get("type") == kind:
+                if message.get(key) == value:
                     return message
-
-    async def auth(self, role: str, company: str, user: str, ttl_s: float = 3600.0, **extra: Any) -> dict[str, Any]:
-        await self.send(
-            {"action": "auth", "user_id": user, "role": role, "token": token(role, company, user, ttl_s, **extra)}
-        )
-        return await self.recv()
 
     async def nothing_within(self, seconds: float) -> bool:
         try:
@@ -163,13 +150,34 @@ class Client:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    await self.ws.recv()
+                    await self.recv(timeout)
         except ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd is not None else None
         raise AssertionError("not closed")
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+class Client(JsonSocket):
+    """A native-protocol client."""
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs: Any) -> Client:
+        return cls(await connect(url, open_timeout=5, **kwargs))
+
+    async def send(self, message: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(message if isinstance(message, str | bytes) else json.dumps(message))
+
+    async def recv_type(self, kind: str, timeout: float = 3.0) -> dict[str, Any]:
+        """The next message of type ``kind``, skipping others."""
+        return await self.next_where("type", kind, timeout)
+
+    async def auth(self, role: str, company: str, user: str, ttl_s: float = 3600.0, **extra: Any) -> dict[str, Any]:
+        await self.send(
+            {"action": "auth", "user_id": user, "role": role, "token": token(role, company, user, ttl_s, **extra)}
+        )
+        return await self.recv()
 
 
 async def office(url: str, company: str, user: str = "office-1", **extra: Any) -> Client:
@@ -209,12 +217,12 @@ def link_channel(link_uuid: str) -> str:
     return f"private-tracking-link.{link_uuid}"
 
 
-class LinkViewer:
+class LinkViewer(JsonSocket):
     """A tracking-link viewer as pusher-js behaves, on a raw websockets connection: the channel is authorised
     at ``/broadcasting/auth`` with the session token. Every message received is kept in ``messages``."""
 
     def __init__(self, ws: ClientConnection, socket_id: str, established: dict[str, Any]) -> None:
-        self.ws = ws
+        super().__init__(ws)
         self.socket_id = socket_id
         self.messages: list[dict[str, Any]] = [established]
 
@@ -232,17 +240,13 @@ class LinkViewer:
         await self.ws.send(json.dumps(message))
 
     async def recv(self, timeout: float = 3.0) -> dict[str, Any]:
-        message = dict(json.loads(await asyncio.wait_for(self.ws.recv(), timeout)))
+        message = await super().recv(timeout)
         self.messages.append(message)
         return message
 
     async def next(self, event: str, timeout: float = 3.0) -> dict[str, Any]:
         """The next message named ``event``, skipping others."""
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await self.recv(timeout)
-                if message["event"] == event:
-                    return message
+        return await self.next_where("event", event, timeout)
 
     async def authorise(self, http: Any, link_uuid: str, session_token: str) -> Any:
         """``POST /broadcasting/auth`` as pusher-js sends it (form body, bearer session token); the response."""
@@ -271,16 +275,6 @@ class LinkViewer:
         await self.send("pusher:ping", {})
         await self.next("pusher:pong")
 
-    async def closed_with(self, timeout: float = 3.0) -> int | None:
-        """Read until the server closes; the close code it sent."""
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    await self.recv(timeout)
-        except ConnectionClosed as exc:
-            return exc.rcvd.code if exc.rcvd is not None else None
-        raise AssertionError("not closed")
-
     async def refused(self, timeout: float = 3.0) -> tuple[int, int | None]:
         """The code of the next ``pusher:error`` and the close code that follows it."""
         error = await self.next("pusher:error", timeout)
@@ -289,6 +283,3 @@ class LinkViewer:
     def events(self, name: str) -> list[Any]:
         """The decoded data of every ``name`` event received so far."""
         return [json.loads(m["data"]) for m in self.messages if m["event"] == name]
-
-    async def close(self) -> None:
-        await self.ws.close()

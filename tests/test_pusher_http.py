@@ -18,7 +18,7 @@ import httpx
 import jwt
 import pusher
 import pytest
-from relaykit import AUTH, System, position, running_system
+from relaykit import AUTH, JsonSocket, System, position, running_system
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -153,11 +153,11 @@ async def call(function: Any, *args: Any) -> Any:
     return await asyncio.to_thread(function, *args)
 
 
-class PusherSocket:
+class PusherSocket(JsonSocket):
     """A Pusher protocol 7 client on a raw websockets connection."""
 
     def __init__(self, ws: ClientConnection, socket_id: str) -> None:
-        self.ws = ws
+        super().__init__(ws)
         self.socket_id = socket_id
 
     @classmethod
@@ -167,15 +167,8 @@ class PusherSocket:
         assert established["event"] == "pusher:connection_established", established
         return cls(ws, json.loads(established["data"])["socket_id"])
 
-    async def recv(self, timeout: float = 3.0) -> dict[str, Any]:
-        return dict(json.loads(await asyncio.wait_for(self.ws.recv(), timeout)))
-
     async def next(self, event: str, timeout: float = 3.0) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await self.recv(timeout)
-                if message["event"] == event:
-                    return message
+        return await self.next_where("event", event, timeout)
 
     async def subscribe(self, channel: str, auth: str | None = None, channel_data: str | None = None) -> None:
         data = {"channel": channel}
@@ -192,14 +185,6 @@ class PusherSocket:
         reply = await http.post("/broadcasting/auth", data=form(self.socket_id, channel), headers=bearer(**token))
         assert reply.status_code == 200, reply.text
         await self.subscribe(channel, **reply.json())
-
-    async def nothing_within(self, seconds: float) -> None:
-        with pytest.raises(TimeoutError):
-            message = await self.recv(seconds)
-            raise AssertionError(f"unexpected {message}")
-
-    async def close(self) -> None:
-        await self.ws.close()
 
 
 def form(socket_id: str, channel: str, **extra: str) -> dict[str, str]:

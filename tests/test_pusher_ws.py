@@ -18,9 +18,8 @@ from typing import Any
 import msgspec
 import pytest
 from gatewaykit import running_gateway
-from relaykit import AUTH, System, position, relay_settings, running_system
+from relaykit import AUTH, JsonSocket, System, position, relay_settings, running_system
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 from gateway.bus.memory import MemoryBus
 from gateway.settings import BusSettings
@@ -39,11 +38,11 @@ QUERY = "protocol=7&client=js&version=8.6.0&flash=false"
 SOCKET_ID = re.compile(r"^\d+\.\d+$")
 
 
-class PusherClient:
+class PusherClient(JsonSocket):
     """A Pusher client on a raw websockets connection: JSON messages as pusher-js sends them."""
 
     def __init__(self, ws: ClientConnection, app: PusherAppSettings) -> None:
-        self.ws = ws
+        super().__init__(ws)
         self.app = app
         self.socket_id = ""
 
@@ -66,16 +65,9 @@ class PusherClient:
             message["channel"] = channel
         await self.ws.send(json.dumps(message))
 
-    async def recv(self, timeout: float = 3.0) -> dict[str, Any]:
-        return dict(json.loads(await asyncio.wait_for(self.ws.recv(), timeout)))
-
     async def recv_event(self, event: str, timeout: float = 3.0) -> dict[str, Any]:
         """The next message named ``event``, skipping others."""
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await self.recv(timeout)
-                if message["event"] == event:
-                    return message
+        return await self.next_where("event", event, timeout)
 
     def sign(self, channel: str, channel_data: str | None = None) -> str:
         return channel_auth(self.app.key, self.app.secret, self.socket_id, channel, channel_data)
@@ -103,22 +95,6 @@ class PusherClient:
     async def ping(self) -> None:
         await self.send("pusher:ping")
         assert await self.recv() == {"event": "pusher:pong", "data": {}}
-
-    async def nothing_within(self, seconds: float) -> bool:
-        try:
-            message = await asyncio.wait_for(self.ws.recv(), seconds)
-        except TimeoutError:
-            return True
-        raise AssertionError(f"unexpected message: {message!r}")
-
-    async def closed_with(self, timeout: float = 3.0) -> int | None:
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    await self.ws.recv()
-        except ConnectionClosed as exc:
-            return exc.rcvd.code if exc.rcvd is not None else None
-        raise AssertionError("not closed")
 
     def drop(self) -> None:
         """Vanish without a closing handshake (a phone losing its network)."""

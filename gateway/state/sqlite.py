@@ -155,25 +155,33 @@ class SqliteStateStore:
         return result, data_version
 
     def _connect(self) -> sqlite3.Connection:
-        # Autocommit (isolation_level=None): one statement is its own transaction; batches BEGIN explicitly.
-        conn = sqlite3.connect(self._path, isolation_level=None)
-        try:
-            conn.execute("PRAGMA busy_timeout = 5000")  # wait for a `fleetgate devices` writer, on this thread
-            conn.execute("PRAGMA journal_mode = WAL")
-            # In WAL mode NORMAL survives a process crash; a power cut may lose the last commits, which
-            # for last positions the next fixes replace, and for devices the operator notices.
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(_SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        return conn
+        self._conn = connect_wal(self._path, _SCHEMA)
+        return self._conn
 
     def _disconnect(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def connect_wal(path: str, schema: str) -> sqlite3.Connection:
+    """A connection for one worker thread: autocommit, WAL, a busy timeout, ``schema`` applied.
+
+    Autocommit (isolation_level=None): one statement is its own transaction; batches BEGIN
+    explicitly. The busy timeout waits for another connection's writer (``fleetgate devices``,
+    the link store). In WAL mode ``synchronous = NORMAL`` survives a process crash; a power cut
+    may lose the last commits, which for last positions the next fixes replace.
+    """
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(schema)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _device(row: DeviceRow) -> Device:

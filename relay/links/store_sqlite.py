@@ -26,6 +26,7 @@ from typing import NamedTuple, TypeVar
 import msgspec
 
 from gateway.records import encode_msgpack
+from gateway.state.sqlite import connect_wal
 from relay.links.model import EmailCode, LinkSession, TrackingLink
 from relay.links.store import LinkStoreError
 
@@ -167,18 +168,8 @@ class SqliteLinkStore:
             return job(conn)
 
     def _connect(self) -> sqlite3.Connection:
-        # Autocommit (isolation_level=None): one statement is its own transaction; several BEGIN explicitly.
-        conn = sqlite3.connect(self._path, isolation_level=None)
-        try:
-            conn.execute("PRAGMA busy_timeout = 5000")  # another connection (the state store) may be writing
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")  # in WAL mode this survives a process crash
-            conn.executescript(_SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        return conn
+        self._conn = connect_wal(self._path, _SCHEMA)
+        return self._conn
 
     def _disconnect(self) -> None:
         if self._conn is not None:
